@@ -1,0 +1,223 @@
+"""Writing a store: the row plan, teacher specs, and one shard's arrays at a time.
+
+Every shard's arrays go into their own Zarr group (no two writers ever share a file or a
+chunk), written under a temporary name and renamed into place; the shard's done record is
+written last. A crash leaves at worst a temporary folder that the next run removes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from kdstore.store.errors import StoreLockedError
+from kdstore.store.schema import (
+    FORMAT_VERSION,
+    LOCK_FILE,
+    SAMPLES_FILE,
+    STORE_FILE,
+    TEACHERS_DIR,
+    DoneRecord,
+    FieldSpec,
+    ShardInfo,
+    StoreManifest,
+    TeacherSpec,
+    shard_name,
+    write_json_atomic,
+)
+
+CHUNK_ROWS = 4096
+VALID_ARRAY = "_valid"
+VIEWS_ARRAY = "_views"
+
+
+def kdstore_version() -> str:
+    try:
+        return version("kdstore")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """Checksum of an array's logical content: dtype, shape and C-order bytes."""
+    digest = hashlib.sha256(f"{array.dtype.str}:{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def input_fingerprint(urls: Sequence[str], keys_per_shard: Sequence[Sequence[str]]) -> str:
+    digest = hashlib.sha256()
+    for url, keys in zip(urls, keys_per_shard):
+        digest.update(f"{url}\0{len(keys)}\0".encode())
+        digest.update("\0".join(keys).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+class StoreLock:
+    """An exclusive ``flock`` on ``STORE/.lock`` for one job; the kernel drops it on any exit."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / LOCK_FILE
+        self._fh = None
+
+    def __enter__(self) -> "StoreLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StoreLockedError(
+                f"store {self.path.parent} is locked by {holder}; wait for that job or stop it first"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def write_plan(
+    root: Path,
+    *,
+    urls: Sequence[str],
+    keys_per_shard: Sequence[Sequence[str]],
+    labels_per_shard: Sequence[Sequence[int | None]],
+    skipped_shards: Sequence[dict] = (),
+    input_urls: Sequence[str] | None = None,
+) -> StoreManifest:
+    """Fix every row before any teacher runs: ``samples.parquet`` first, ``store.json`` last."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards, rows = [], 0
+    for index, (url, keys) in enumerate(zip(urls, keys_per_shard)):
+        shards.append(ShardInfo(index=index, url=url, row_start=rows, num_rows=len(keys)))
+        rows += len(keys)
+    table = pa.table(
+        {
+            "row": pa.array(np.arange(rows, dtype=np.int64)),
+            "key": pa.array([k for keys in keys_per_shard for k in keys], pa.string()),
+            "shard": pa.array(np.repeat(np.arange(len(shards), dtype=np.int32), [s.num_rows for s in shards])),
+            "index_in_shard": pa.array(np.concatenate([np.arange(s.num_rows, dtype=np.int32) for s in shards] or [[]])),
+            "label": pa.array([lab for labels in labels_per_shard for lab in labels], pa.int64()),
+        }
+    )
+    tmp = root / f".{SAMPLES_FILE}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, root / SAMPLES_FILE)
+    manifest = StoreManifest(
+        format_version=FORMAT_VERSION,
+        kdstore_version=kdstore_version(),
+        num_rows=rows,
+        input_fingerprint=input_fingerprint(urls, keys_per_shard),
+        input_urls=tuple(input_urls if input_urls is not None else urls),
+        shards=tuple(shards),
+        skipped_shards=tuple(skipped_shards),
+    )
+    write_json_atomic(root / STORE_FILE, manifest.to_json())
+    return manifest
+
+
+def teacher_dir(root: Path, name: str) -> Path:
+    return Path(root) / TEACHERS_DIR / name
+
+
+def write_teacher_spec(root: Path, spec: TeacherSpec) -> None:
+    write_json_atomic(teacher_dir(root, spec.name) / "teacher.json", spec.to_json())
+
+
+def clean_partial(root: Path, name: str) -> int:
+    """Remove temporary shard folders a crashed run left behind; returns how many."""
+    shards_dir = teacher_dir(root, name) / "shards"
+    removed = 0
+    if shards_dir.is_dir():
+        for entry in shards_dir.iterdir():
+            if entry.name.startswith(".tmp-"):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+    return removed
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def write_shard(
+    root: Path,
+    teacher: TeacherSpec,
+    shard: ShardInfo,
+    fields: dict[str, np.ndarray],
+    *,
+    valid: np.ndarray,
+    view_params: np.ndarray | None = None,
+    skipped: Sequence[dict] = (),
+    seconds: float = 0.0,
+    extra: dict | None = None,
+) -> DoneRecord:
+    """Write one shard's fields (each ``[num_rows, ...]``) and then its done record.
+
+    The arrays land in ``shards/SHARD.zarr`` via a temp folder and a rename; a previous
+    partial folder of the same shard is replaced. Returns the done record written.
+    """
+    tdir = teacher_dir(root, teacher.name)
+    shards_dir = tdir / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    tmp = shards_dir / f".tmp-{shard.name}-{uuid.uuid4().hex[:8]}"
+    group = zarr.open_group(str(tmp), mode="w")
+    specs: dict[str, FieldSpec] = {}
+    arrays = dict(fields)
+    arrays[VALID_ARRAY] = valid.astype(bool)
+    if view_params is not None:
+        arrays[VIEWS_ARRAY] = view_params.astype(np.int32)
+    for name, array in arrays.items():
+        if array.shape[0] != shard.num_rows:
+            raise ValueError(f"field {name} has {array.shape[0]} rows, shard {shard.index} owns {shard.num_rows}")
+        chunks = (min(CHUNK_ROWS, max(1, shard.num_rows)), *array.shape[1:])
+        group.create_array(name, data=np.ascontiguousarray(array), chunks=chunks)
+        specs[name] = FieldSpec(
+            name=name,
+            shape=tuple(int(d) for d in array.shape[1:]),
+            dtype=array.dtype.name,
+            sha256=array_sha256(array),
+            nbytes_disk=_dir_bytes(tmp / name),
+        )
+    final = shards_dir / f"{shard.name}.zarr"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    record = DoneRecord(
+        shard=shard.index,
+        url=shard.url,
+        row_start=shard.row_start,
+        num_rows=shard.num_rows,
+        teacher_fingerprint=teacher.fingerprint,
+        fields=specs,
+        skipped=tuple(skipped),
+        seconds=seconds,
+        extra=dict(extra or {}),
+    )
+    write_json_atomic(tdir / "done" / f"{shard.name}.json", record.to_json())
+    return record
+
+
+def shard_array_path(root: Path, teacher_name: str, shard_index: int) -> Path:
+    return teacher_dir(root, teacher_name) / "shards" / f"{shard_name(shard_index)}.zarr"
