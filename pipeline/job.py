@@ -1,0 +1,278 @@
+"""The precompute job: plan rows → run whole shards on Ray actors → done records.
+
+One actor per worker loads the teacher once; each task owns whole shards; finished shards
+(those with a done record) are never recomputed, so a rerun resumes. A lock keeps a second
+job off the same store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm.auto import tqdm
+
+from kdstore.pipeline.augment import AugmentSpec
+from kdstore.pipeline.reduce import OutputSpec
+from kdstore.pipeline.shards import expand_urls, list_shard
+from kdstore.pipeline.worker import ShardProcessor, TeacherLoad
+from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
+from kdstore.store.reader import open_store
+from kdstore.store.schema import STORE_FILE, TeacherSpec, read_json
+from kdstore.store.writer import StoreLock, clean_partial, teacher_dir, write_plan, write_teacher_spec
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecomputeConfig:
+    """Everything one ``kdstore precompute`` run needs, validated on construction."""
+
+    store: Path
+    inputs: tuple[str, ...]
+    teacher: TeacherLoad
+    outputs: tuple[str, ...] = ("logits",)
+    temperature: float = 1.0
+    dtype: str = "float16"
+    views: int = 0
+    augment: str = ""
+    seed: int = 0
+    batch_size: int = 256
+    workers: int = 1
+    ray_address: str | None = None
+    on_error: str = "fail"
+    overwrite: bool = False
+    amp: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise InputError("give at least one input shard pattern")
+        if not self.outputs:
+            raise InputError("give at least one --output")
+        for text in self.outputs:
+            OutputSpec.parse(text)
+        AugmentSpec.parse(self.augment)
+        checks = [
+            (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (self.views >= 0, f"--views must be >= 0, got {self.views}"),
+            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
+            (self.workers > 0, f"--workers must be > 0, got {self.workers}"),
+            (self.on_error in ("fail", "skip"), f"--on-error must be fail or skip, got {self.on_error!r}"),
+            (not (self.views and not self.augment), "--views needs --augment (e.g. 'rrc:scale=0.5-1;hflip:p=0.5')"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+
+
+@dataclass(kw_only=True)
+class PrecomputeResult:
+    store: Path
+    teacher: str
+    rows: int
+    shards_total: int
+    shards_run: int
+    shards_already_done: int
+    samples_skipped: int
+    seconds: float
+    skipped_shards: list[dict] = field(default_factory=list)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.rows_run / self.seconds if self.seconds else 0.0
+
+    rows_run: int = 0
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Start (or join) Ray; returns True when this call started it."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+    return True
+
+
+def _unwrap(exc: Exception) -> Exception:
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, KdStoreError):
+            return cause
+    return exc
+
+
+def _list_or_error(url: str):
+    try:
+        return list_shard(url)
+    except InputError as exc:
+        return exc
+
+
+def plan_store(cfg: PrecomputeConfig, urls: list[str]):
+    """Reuse the store's row plan when the inputs match; otherwise list every shard and write one."""
+    root = cfg.store
+    if (root / STORE_FILE).exists():
+        store = open_store(root)
+        if list(store.manifest.input_urls) != urls:
+            if not cfg.overwrite:
+                raise StoreMismatchError(
+                    f"store {root} was planned for other input shards ({len(store.manifest.input_urls)} shards, "
+                    f"first {store.manifest.input_urls[0]!r}) than given ({len(urls)}, first {urls[0]!r}); "
+                    "use another --store, or --overwrite to delete it and start over"
+                )
+            shutil.rmtree(root / "teachers", ignore_errors=True)
+            for name in (STORE_FILE, "samples.parquet"):
+                (root / name).unlink(missing_ok=True)
+        else:
+            return store
+    lister = ray.remote(num_cpus=0.25)(_list_or_error)
+    listings = ray.get([lister.remote(u) for u in urls])
+    kept, skipped = [], []
+    for url, listing in zip(urls, listings):
+        if isinstance(listing, Exception):
+            if cfg.on_error == "fail":
+                raise listing
+            skipped.append({"url": url, "reason": str(listing)})
+        else:
+            kept.append(listing)
+    if not kept:
+        raise InputError(f"no readable input shard; first problem: {skipped[0]['reason']}")
+    write_plan(
+        root,
+        urls=[x.url for x in kept],
+        keys_per_shard=[x.keys for x in kept],
+        labels_per_shard=[x.labels for x in kept],
+        skipped_shards=skipped,
+        input_urls=urls,
+    )
+    return open_store(root)
+
+
+def _teacher_spec(cfg: PrecomputeConfig, described: dict) -> TeacherSpec:
+    return TeacherSpec(
+        name=described["name"],
+        fingerprint=described["fingerprint"],
+        factory=cfg.teacher.factory,
+        input_key=described["input_key"],
+        outputs=tuple(OutputSpec.parse(o).to_text() for o in cfg.outputs),
+        temperature=cfg.temperature,
+        dtype=cfg.dtype,
+        views=cfg.views,
+        augment=AugmentSpec.parse(cfg.augment).to_text(),
+        seed=cfg.seed,
+        layers=cfg.teacher.layers,
+    )
+
+
+def _check_teacher(cfg: PrecomputeConfig, spec: TeacherSpec) -> None:
+    path = teacher_dir(cfg.store, spec.name) / "teacher.json"
+    if path.exists():
+        old = TeacherSpec.from_json(read_json(path, "teacher.json"))
+        diff = old.differences(spec)
+        if diff and not cfg.overwrite:
+            details = "; ".join(f"{k}: stored {getattr(old, k)!r}, now {getattr(spec, k)!r}" for k in diff)
+            raise StoreMismatchError(
+                f"teacher {spec.name!r} in {cfg.store} was precomputed differently ({details}); "
+                "use another --teacher-name, or --overwrite to recompute it"
+            )
+        if cfg.overwrite:
+            shutil.rmtree(teacher_dir(cfg.store, spec.name))
+    write_teacher_spec(cfg.store, spec)
+
+
+def run_precompute(cfg: PrecomputeConfig, on_shard: Callable[[dict], None] | None = None) -> PrecomputeResult:
+    """Run (or resume) one teacher over the inputs into ``cfg.store``."""
+    start = time.perf_counter()
+    urls = expand_urls(list(cfg.inputs))
+    cfg.store.mkdir(parents=True, exist_ok=True)
+    with StoreLock(cfg.store):
+        started_ray = _ensure_ray(cfg.ray_address)
+        try:
+            return _run_locked(cfg, urls, start, on_shard)
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+def _run_locked(cfg, urls, start, on_shard) -> PrecomputeResult:
+    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
+    threads = max(1, int(cpus // cfg.workers)) if not cfg.ray_address else None
+    gpu = cfg.teacher.device.startswith("cuda")
+    Actor = ray.remote(num_cpus=min(1.0, cpus / (cfg.workers + 1)), num_gpus=1 if gpu else 0)(ShardProcessor)
+    actors = [Actor.remote(cfg.teacher, num_threads=threads, amp=cfg.amp) for _ in range(cfg.workers)]
+    try:
+        described_ref = actors[0].describe.remote()
+        store = plan_store(cfg, urls)
+        described = ray.get(described_ref)
+    except (RayTaskError, RayActorError) as exc:
+        raise _unwrap(exc) from None
+    spec = _teacher_spec(cfg, described)
+    _check_teacher(cfg, spec)
+    clean_partial(cfg.store, spec.name)
+    teacher = store.teacher(spec.name)
+    done = teacher.done_records()
+    todo = [s for s in store.shards if s.index not in done]
+    keys = store.keys
+    bar = tqdm(
+        total=sum(s.num_rows for s in todo),
+        unit="sample",
+        desc=f"precompute {spec.name}",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    pending: dict = {}
+    queue = list(todo)
+    idle = list(actors) * 2  # two shards in flight per actor keeps it busy between tasks
+    rows_run = skipped = 0
+    try:
+        while queue or pending:
+            while queue and idle:
+                actor, shard = idle.pop(), queue.pop(0)
+                ref = actor.run_shard.remote(
+                    str(cfg.store), spec, shard, list(keys[shard.row_start : shard.row_stop]),
+                    batch_size=cfg.batch_size, on_error=cfg.on_error,
+                )
+                pending[ref] = (actor, shard)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor, shard = pending.pop(ready[0])
+            try:
+                record = ray.get(ready[0])
+            except (RayTaskError, RayActorError) as exc:
+                raise _unwrap(exc) from None
+            idle.append(actor)
+            rows_run += record.num_rows
+            skipped += len(record.skipped)
+            bar.update(record.num_rows)
+            bar.set_postfix(shards=f"{len(done) + (len(todo) - len(queue) - len(pending))}/{len(store.shards)}", skipped=skipped)
+            if on_shard:
+                on_shard({"shard": shard.index, "rows": record.num_rows, "skipped": len(record.skipped)})
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref)
+        for actor in actors:
+            ray.kill(actor)
+    return PrecomputeResult(
+        store=cfg.store,
+        teacher=spec.name,
+        rows=store.num_rows,
+        shards_total=len(store.shards),
+        shards_run=len(todo),
+        shards_already_done=len(done),
+        samples_skipped=skipped + sum(len(r.skipped) for r in done.values()),
+        seconds=time.perf_counter() - start,
+        skipped_shards=list(store.manifest.skipped_shards),
+        rows_run=rows_run,
+    )

@@ -1,0 +1,150 @@
+"""Checking a store against its checksums, its row plan and its input shards; summaries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import zarr
+
+from kdstore.store.errors import KdStoreError
+from kdstore.store.reader import Store
+from kdstore.store.schema import ShardInfo
+from kdstore.store.writer import array_sha256, shard_array_path
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+    fields_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_shard_fields(store: Store, name: str, shard: ShardInfo, record) -> Iterable[str]:
+    path = shard_array_path(store.path, name, shard.index)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises many types for a damaged group
+        yield f"teacher {name} shard {shard.index} ({shard.url}): arrays unreadable ({exc})"
+        return
+    if (record.row_start, record.num_rows) != (shard.row_start, shard.num_rows):
+        yield f"teacher {name} shard {shard.index}: done record rows {record.row_start}+{record.num_rows} do not match the plan"
+    for fname, spec in record.fields.items():
+        try:
+            data = group[fname][...]
+        except Exception as exc:  # a flipped byte surfaces as a codec error of any type
+            yield f"teacher {name} field {fname} shard {shard.index} ({shard.url}): unreadable ({type(exc).__name__}: {exc})"
+            continue
+        if array_sha256(data) != spec.sha256:
+            yield f"teacher {name} field {fname} shard {shard.index} ({shard.url}): checksum mismatch"
+
+
+def verify_store(
+    store: Store, *, shards: Iterable[str | int] | None = None, check_inputs: bool = True
+) -> VerifyReport:
+    """Re-check every (selected) shard: checksums of each field, row coverage, and that the
+    input shards still hold the planned keys. Never raises for a damaged store: problems
+    are returned, first one first."""
+    from kdstore.pipeline.shards import list_shard
+
+    report = VerifyReport()
+    selected = store.select_shards(shards)
+    if check_inputs:
+        for shard in selected:
+            try:
+                listing = list_shard(shard.url)
+            except KdStoreError as exc:
+                report.problems.append(f"input shard {shard.index}: {exc}")
+                continue
+            planned = list(store.keys[shard.row_start : shard.row_stop])
+            if listing.keys != planned:
+                report.problems.append(
+                    f"input shard {shard.index} ({shard.url}): keys differ from the store's plan "
+                    f"({len(listing.keys)} keys now, {len(planned)} planned)"
+                )
+    for name in store.teachers:
+        teacher = store.teacher(name)
+        done = teacher.done_records()
+        for shard in selected:
+            record = done.get(shard.index)
+            if record is None:
+                report.problems.append(
+                    f"teacher {name} shard {shard.index} ({shard.url}): rows {shard.row_start}..{shard.row_stop - 1} missing"
+                )
+                continue
+            if record.teacher_fingerprint != teacher.spec.fingerprint:
+                report.problems.append(f"teacher {name} shard {shard.index}: written by another teacher fingerprint")
+            report.problems.extend(_check_shard_fields(store, name, shard, record))
+            report.fields_checked += len(record.fields)
+        report.shards_checked += len(selected)
+    return report
+
+
+def summarize(store: Store) -> dict:
+    """Numbers for ``kdstore info``: rows, shards done/missing, and per field shape, dtype, bytes."""
+    teachers = []
+    for name in store.teachers:
+        t = store.teacher(name)
+        done = t.done_records()
+        fields = []
+        for fname, spec in t.fields.items():
+            nbytes = sum(r.fields[fname].nbytes_disk for r in done.values() if fname in r.fields)
+            rows_done = sum(r.num_rows for r in done.values())
+            fields.append(
+                {
+                    "field": fname,
+                    "shape": list(spec.shape),
+                    "dtype": spec.dtype,
+                    "bytes_on_disk": nbytes,
+                    "bytes_per_sample": nbytes / rows_done if rows_done else float("nan"),
+                }
+            )
+        teachers.append(
+            {
+                "name": name,
+                "fingerprint": t.spec.fingerprint,
+                "outputs": list(t.spec.outputs),
+                "temperature": t.spec.temperature,
+                "views": t.spec.views,
+                "augment": t.spec.augment,
+                "shards_done": len(done),
+                "shards_missing": len(store.shards) - len(done),
+                "samples_skipped": sum(len(r.skipped) for r in done.values()),
+                "skipped_examples": [s for r in done.values() for s in r.skipped][:5],
+                "fields": fields,
+            }
+        )
+    labels = store.labels
+    return {
+        "path": str(store.path),
+        "format_version": store.manifest.format_version,
+        "rows": store.num_rows,
+        "labeled_rows": int((labels >= 0).sum()),
+        "num_classes": int(labels.max() + 1) if (labels >= 0).any() else 0,
+        "shards": len(store.shards),
+        "skipped_shards": list(store.manifest.skipped_shards),
+        "teachers": teachers,
+        "indexes": _indexes(store),
+    }
+
+
+def _indexes(store: Store) -> list[dict]:
+    import json
+
+    out = []
+    index_dir = store.path / "index"
+    if index_dir.is_dir():
+        for meta in sorted(index_dir.glob("*.json")):
+            try:
+                doc = json.loads(meta.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            faiss_file = meta.with_suffix(".faiss")
+            doc["name"] = meta.stem
+            doc["bytes_on_disk"] = faiss_file.stat().st_size if faiss_file.exists() else 0
+            out.append(doc)
+    return out
