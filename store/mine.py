@@ -470,5 +470,6 @@ def read_negatives(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, An
         table = pq.read_table(path)
     except FileNotFoundError:
         raise InputError(f"no negatives file at {path}: run `kdstore mine` first") from None
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    # write_negatives adds the record to the file footer once mining has finished.
+    raw = (pq.read_metadata(path).metadata or {}).get(METADATA_KEY) or (table.schema.metadata or {}).get(METADATA_KEY)
     return table, json.loads(raw) if raw else {}
