@@ -44,7 +44,8 @@ def np_smooth_l1(a, b):
 
 
 def assert_close(actual: torch.Tensor, expected, tol=1e-9):
-    np.testing.assert_allclose(actual.detach().numpy(), np.asarray(expected, dtype=np.float64), rtol=tol, atol=tol)
+    expected = np.asarray(expected, dtype=np.float64)
+    np.testing.assert_allclose(actual.detach().numpy(), expected, rtol=tol, atol=tol)
 
 
 def assert_grad(x: torch.Tensor, loss: torch.Tensor) -> None:

@@ -190,6 +190,7 @@ def _topk_kl_rows(
     in_top = torch.zeros_like(log_q_all, dtype=torch.bool).scatter_(-1, indices, True)
     outside = log_q_all.masked_fill(in_top, torch.finfo(log_q_all.dtype).min)
     log_q_rest = torch.logsumexp(outside, dim=-1, keepdim=True)
+    log_q_rest = log_q_rest.clamp_min(math.log(torch.finfo(log_q_all.dtype).tiny))
     log_p = torch.cat([log_p_top, log_p_rest], dim=-1)
     log_q = torch.cat([log_q_top, log_q_rest], dim=-1)
     return _kl_rows(log_p, log_q) * temperature**2
@@ -457,7 +458,9 @@ def feature_match(
     if _shape(projected) != _shape(teacher_feat):
         what = "student_feat after the projector" if projector is not None else "student_feat"
         hint = "" if projector is not None else "; pass projector=Projector(student_shape, teacher_shape)"
-        raise ValueError(f"{what} has shape {_shape(projected)} but teacher_feat has {_shape(teacher_feat)}{hint}")
+        raise ValueError(
+            f"{what} has shape {_shape(projected)} but teacher_feat has {_shape(teacher_feat)}{hint}"
+        )
     dtype = _compute_dtype(projected, teacher_feat)
     b = projected.shape[0]
     w = _contribution((b,), weights, mask, dtype=dtype, device=projected.device, spec="[b]")
@@ -638,7 +641,9 @@ def contrastive_distill(
     _require_ndim("teacher_negatives", teacher_negatives, 3, "[b, n, d]")
     _require_float("teacher_negatives", teacher_negatives)
     if teacher_negatives.shape[0] != b or teacher_negatives.shape[2] != d:
-        raise ValueError(f"teacher_negatives must have shape [b, n, d] = [{b}, n, {d}], got {_shape(teacher_negatives)}")
+        raise ValueError(
+            f"teacher_negatives must have shape [b, n, d] = [{b}, n, {d}], got {_shape(teacher_negatives)}"
+        )
     n = teacher_negatives.shape[1]
     temperature = _positive("temperature", temperature)
     dtype = _compute_dtype(student_anchor, teacher_positive, teacher_negatives)
@@ -698,7 +703,9 @@ def ranking_distill(
     _require_shape("teacher_scores", teacher_scores, (b, m), "[b, m]")
     _require_float("teacher_scores", teacher_scores)
     temperature = _positive("temperature", temperature)
-    t_temperature = temperature if teacher_temperature is None else _positive("teacher_temperature", teacher_temperature)
+    t_temperature = (
+        temperature if teacher_temperature is None else _positive("teacher_temperature", teacher_temperature)
+    )
     dtype = _compute_dtype(student_anchor, student_candidates, teacher_scores)
     device = student_anchor.device
     valid = (
@@ -744,9 +751,9 @@ def dho_loss(
     ``alpha * CE(ce_head, labels) + (1 - alpha) * soft_kl(kd_head, teacher, T)``: the CE head
     learns only from labelled rows (mean over those), the KD head from every row (mean over
     all), so the two signals never share a classifier and their gradients do not conflict in
-    the head. The authors' code uses ``alpha = 0.5`` and ``T = 2``; it averages the KD term
-    over the labelled and the unlabelled half separately and sums them, which this mixed-batch
-    form replaces with one mean over rows.
+    the head. The authors' code (erjui/DHO) uses ``alpha = 0.5`` and ``T = 2``; it averages the
+    KD term over the labelled and the unlabelled half separately and sums them, which this
+    mixed-batch form replaces with one mean over rows.
 
     Args:
         ce_head_logits (Tensor): [b, c] float, logits of the supervised head.
@@ -865,7 +872,8 @@ def _stack_teachers(teacher_logits: TeacherLogits) -> Tensor:
             _require_float(f"teacher_logits[{i}]", x)
             if _shape(x) != _shape(tensors[0]):
                 raise ValueError(
-                    f"teacher_logits[{i}] has shape {_shape(x)} but teacher_logits[0] has {_shape(tensors[0])}"
+                    f"teacher_logits[{i}] has shape {_shape(x)} but teacher_logits[0] has "
+                    f"{_shape(tensors[0])}"
                 )
         dtype = _compute_dtype(*tensors)
         stacked = torch.stack([x.to(dtype) for x in tensors])
@@ -1013,7 +1021,9 @@ class TeacherRouter(nn.Module):
     def forward(self, student_repr: Tensor) -> Tensor:
         """``student_repr [b, in_features]`` -> routing logits ``[b, t]``."""
         if student_repr.dim() != 2 or student_repr.shape[1] != self.in_features:
-            raise ValueError(f"student_repr must have shape [b, {self.in_features}], got {_shape(student_repr)}")
+            raise ValueError(
+                f"student_repr must have shape [b, {self.in_features}], got {_shape(student_repr)}"
+            )
         x = student_repr.detach() if self.detach_input else student_repr
         return self.net(x)
 
@@ -1203,12 +1213,13 @@ def taid_loss(
 
     ``J = KL(p_lam || q)`` with ``q = softmax(student)`` and the intermediate target
 
-    - ``space="logit"`` (the paper's definition and the authors' code):
+    - ``space="logit"`` (the paper's definition, and the reference code released with it,
+      SakanaAI/TAID, read via the fork Rumia-Channel/TAID ``src/distil_losses/taid.py``):
       ``p_lam = softmax((1 - lam) * stopgrad(student) + lam * teacher)``;
     - ``space="prob"``: ``p_lam = (1 - lam) * softmax(stopgrad(student)) + lam * softmax(teacher)``.
 
     ``lam`` moves from ~0.4 to 1 during training (``TaidSchedule``); at ``lam = 1`` this is
-    plain forward KL. The authors' code reports the cross-entropy form (J + H(p_lam)); the
+    plain forward KL. The reference code reports the cross-entropy form (J + H(p_lam)); the
     gradient is the same.
 
     Args:
@@ -1255,7 +1266,7 @@ def taid_loss(
 
 
 class TaidSchedule:
-    """TAID's adaptive interpolation coefficient (Shing et al., ICLR 2025, Sec. 3.2 / Alg. 1).
+    """TAID's adaptive interpolation coefficient (Shing et al., ICLR 2025, arXiv:2501.16937).
 
     After each step with objective value ``J_n``:
 
@@ -1265,9 +1276,9 @@ class TaidSchedule:
 
     where ``lam_linear(n) = start + (end - start) * n / total_steps`` is a floor that
     guarantees ``lam`` reaches ``end`` by the last step. ``lam`` moves faster while the student
-    keeps improving and never decreases. The first call only records ``J``. Defaults are the
-    authors' (start 0.4, end 1.0, alpha 5e-4, beta 0.99); ``adaptive=False`` gives the
-    plain linear schedule.
+    keeps improving and never decreases. The first call only records ``J``. Rule and defaults
+    (start 0.4, end 1.0, alpha 5e-4, beta 0.99) follow the reference code released with the
+    paper (``TAID.update_t``); ``adaptive=False`` gives the plain linear schedule.
 
     Args:
         total_steps (int): number of optimizer steps in the run (> 0).
