@@ -81,6 +81,19 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
+class _CountingReader:
+    """File-like wrapper that counts the bytes handed to tarfile (to detect truncation)."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.bytes_read += len(data)
+        return data
+
+
 def list_shard(url: str) -> ShardListing:
     """List every key (and label, when a ``.cls`` member exists) of one shard, in tar order."""
     keys: list[str] = []
@@ -88,7 +101,7 @@ def list_shard(url: str) -> ShardListing:
     index: dict[str, int] = {}
     last_key = None
     try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with _open(url) as raw, tarfile.open(fileobj=(stream := _CountingReader(raw)), mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -104,11 +117,16 @@ def list_shard(url: str) -> ShardListing:
                     labels.append(None)
                 if ext in LABEL_EXTENSIONS:
                     data = tar.extractfile(member)
-                    raw = data.read() if data is not None else b""
+                    text = data.read() if data is not None else b""
                     try:
-                        labels[index[key]] = int(raw.decode().strip())
+                        labels[index[key]] = int(text.decode().strip())
                     except ValueError:
-                        raise InputError(f"shard {url}: key {key!r}: label {raw[:20]!r} is not an integer") from None
+                        raise InputError(f"shard {url}: key {key!r}: label {text[:20]!r} is not an integer") from None
+            # tarfile ends quietly on a short file; a complete tar holds every member's data
+            # plus an end-of-archive block after the last member.
+            stream.read()
+            if stream.bytes_read < tar.offset + tarfile.BLOCKSIZE:
+                raise InputError(f"shard {url}: truncated tar (ends inside or right after member {member.name!r})")
     except InputError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:

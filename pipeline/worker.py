@@ -61,11 +61,19 @@ class ShardProcessor:
     def __init__(self, load: TeacherLoad, *, num_threads: int | None = None, amp: bool = False) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.teacher = load.build()
         self.device = load.device
         self.amp = amp
+        # A user error while building the teacher is kept and raised from the first method
+        # call: Ray reports errors of a method with their cause, errors of __init__ without.
+        self._load_error: KdStoreError | None = None
+        try:
+            self.teacher = load.build()
+        except KdStoreError as exc:
+            self._load_error = exc
 
     def describe(self) -> dict:
+        if self._load_error:
+            raise self._load_error
         return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint, "input_key": self.teacher.input_key}
 
     def run_shard(
@@ -79,6 +87,8 @@ class ShardProcessor:
         on_error: str,
     ) -> DoneRecord:
         """Process every planned row of ``shard`` and write it; returns the done record."""
+        if self._load_error:
+            raise self._load_error
         start = time.perf_counter()
         outputs = [OutputSpec.parse(o) for o in spec.outputs]
         augment = AugmentSpec.parse(spec.augment)

@@ -32,8 +32,10 @@ class FashionCNN(nn.Module):
         return self.head(self.embed(self.features(x)))
 
 
-def fashion_cnn(weights: str | None = None, width: int = 32) -> FashionCNN:
-    """Factory for ``--teacher``: a :class:`FashionCNN`, with trained weights when given."""
+def fashion_cnn(weights: str | None = None, width: int = 32, seed: int = 0) -> FashionCNN:
+    """Factory for ``--teacher``: a :class:`FashionCNN`, with trained weights when given
+    (else initialised from ``seed``, so every worker builds the same teacher)."""
+    torch.manual_seed(int(seed))
     model = FashionCNN(width=int(width))
     if weights is not None:
         path = Path(weights)

@@ -1,0 +1,55 @@
+"""Teachers used by the tests; importable by Ray workers through PYTHONPATH (see conftest)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdstore.pipeline.zoo import fashion_cnn
+
+
+class _Wrap(nn.Module):
+    def __init__(self, inner: nn.Module, mode: str, delay_s: float = 0.0, marker: str | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.mode = mode
+        self.delay_s = delay_s
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.marker:
+            with open(self.marker, "a") as fh:
+                fh.write(f"{os.getpid()} {x.shape[0]}\n")
+        if self.mode == "nan":
+            out = out.clone()
+            out[0, 0] = float("nan")
+        elif self.mode == "shape":
+            out = out[:, :, None]
+        elif self.mode == "short":
+            out = out[:-1]
+        return out
+
+
+def nan_teacher() -> nn.Module:
+    """Fashion CNN whose first row of every batch is NaN."""
+    return _Wrap(fashion_cnn(seed=0), "nan")
+
+
+def bad_shape_teacher() -> nn.Module:
+    return _Wrap(fashion_cnn(seed=0), "shape")
+
+
+def slow_teacher(delay_s: float = 0.2, marker: str | None = None) -> nn.Module:
+    """Fashion CNN (seed 0) that sleeps per batch and logs each forward to ``marker``."""
+    return _Wrap(fashion_cnn(seed=0), "ok", delay_s=delay_s, marker=marker)
+
+
+def not_a_teacher():
+    return object()
