@@ -34,8 +34,9 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def load_fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(images [n, 28, 28] uint8, labels [n] int64)`` from Debian's dataset-fashion-mnist files."""
+    root = FASHION_MNIST_DIR if root is None else root
     if split not in FASHION_MNIST_FILES:
         raise InputError(f"fashion-mnist split must be one of {sorted(FASHION_MNIST_FILES)}, got {split!r}")
     image_file, label_file = (root / f for f in FASHION_MNIST_FILES[split])

@@ -197,16 +197,16 @@ def run_precompute(cfg: PrecomputeConfig, on_shard: Callable[[dict], None] | Non
     start = time.perf_counter()
     urls = expand_urls(list(cfg.inputs))
     cfg.store.mkdir(parents=True, exist_ok=True)
-    with StoreLock(cfg.store):
+    with StoreLock(cfg.store) as lock:
         started_ray = _ensure_ray(cfg.ray_address)
         try:
-            return _run_locked(cfg, urls, start, on_shard)
+            return _run_locked(cfg, urls, start, on_shard, lock.token)
         finally:
             if started_ray:
                 ray.shutdown()
 
 
-def _run_locked(cfg, urls, start, on_shard) -> PrecomputeResult:
+def _run_locked(cfg, urls, start, on_shard, fence_token: str) -> PrecomputeResult:
     cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
     threads = max(1, int(cpus // cfg.workers)) if not cfg.ray_address else None
     gpu = cfg.teacher.device.startswith("cuda")
@@ -242,7 +242,7 @@ def _run_locked(cfg, urls, start, on_shard) -> PrecomputeResult:
                 actor, shard = idle.pop(), queue.pop(0)
                 ref = actor.run_shard.remote(
                     str(cfg.store), spec, shard, list(keys[shard.row_start : shard.row_stop]),
-                    batch_size=cfg.batch_size, on_error=cfg.on_error,
+                    batch_size=cfg.batch_size, on_error=cfg.on_error, fence_token=fence_token,
                 )
                 pending[ref] = (actor, shard)
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -48,8 +48,8 @@ def expand_urls(patterns: Sequence[str] | str) -> list[str]:
         for url in _wds_expand(pattern):
             if any(ch in url for ch in "*?["):
                 if _has_scheme(url):
-                    fs, _, paths = fsspec.get_fs_token_paths(url)
-                    matches = sorted(fs.unstrip_protocol(p) for p in paths)
+                    fs, path = fsspec.core.url_to_fs(url)
+                    matches = sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
                 else:
                     matches = sorted(glob.glob(os.path.expanduser(url)))
                 if not matches:

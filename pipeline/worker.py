@@ -85,6 +85,7 @@ class ShardProcessor:
         *,
         batch_size: int,
         on_error: str,
+        fence_token: str | None = None,
     ) -> DoneRecord:
         """Process every planned row of ``shard`` and write it; returns the done record."""
         if self._load_error:
@@ -174,4 +175,5 @@ class ShardProcessor:
             view_params=params,
             skipped=skipped,
             seconds=time.perf_counter() - start,
+            fence_token=fence_token,
         )

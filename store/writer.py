@@ -69,6 +69,7 @@ class StoreLock:
 
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / LOCK_FILE
+        self.token = uuid.uuid4().hex
         self._fh = None
 
     def __enter__(self) -> "StoreLock":
@@ -85,7 +86,7 @@ class StoreLock:
             ) from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename} job {self.token}")
         fh.flush()
         self._fh = fh
         return self
@@ -95,6 +96,22 @@ class StoreLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+def check_fence(root: Path, token: str | None) -> None:
+    """Refuse to commit when the job that sent this work no longer holds the store.
+
+    Workers of a killed driver can outlive it; once a new job has taken the lock (and
+    written its own token), their late writes must not land.
+    """
+    if token is None:
+        return
+    try:
+        holder = (Path(root) / LOCK_FILE).read_text()
+    except FileNotFoundError:
+        holder = ""
+    if token not in holder:
+        raise StoreLockedError(f"store {root} is now held by another job ({holder.strip() or 'none'}); this worker stops")
 
 
 def write_plan(
@@ -172,6 +189,7 @@ def write_shard(
     skipped: Sequence[dict] = (),
     seconds: float = 0.0,
     extra: dict | None = None,
+    fence_token: str | None = None,
 ) -> DoneRecord:
     """Write one shard's fields (each ``[num_rows, ...]``) and then its done record.
 
@@ -201,6 +219,7 @@ def write_shard(
             nbytes_disk=_dir_bytes(tmp / name),
         )
     final = shards_dir / f"{shard.name}.zarr"
+    check_fence(root, fence_token)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
