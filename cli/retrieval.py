@@ -1,0 +1,156 @@
+"""``kdstore index``, ``kdstore mine``, ``kdstore query``: click over kdstore.store.retrieval."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from kdstore.store.errors import KdStoreError
+
+STORE_ARG = click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+TEACHER_OPT = click.option("--teacher", "teacher", required=True, help="Teacher name in the store.")
+FIELD_OPT = click.option("--field", default="embedding", show_default=True, help="Stored field to index ([D] per row).")
+
+
+def _user_errors(fn):
+    # Same contract as kdstore.cli.main.user_errors; kept here so this module imports alone.
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KdStoreError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _index_options(fn):
+    options = [
+        click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw", "ivfpq"]), default="hnsw", show_default=True),
+        click.option("--metric", type=click.Choice(["cosine", "ip", "l2"]), default="cosine", show_default=True),
+        click.option("--nlist", type=int, default=None, help="IVF lists [default: power of two nearest 4*sqrt(rows)]."),
+        click.option("--nprobe", type=int, default=None, help="IVF lists searched [default: nlist/8]."),
+        click.option("--hnsw-m", type=int, default=32, show_default=True, help="HNSW links per node."),
+        click.option("--ef-construction", type=int, default=40, show_default=True),
+        click.option("--ef-search", type=int, default=64, show_default=True),
+        click.option("--pq-m", type=int, default=None, help="IVF-PQ sub-quantisers (divides dim) [default: dim/8]."),
+        click.option("--pq-nbits", type=int, default=8, show_default=True),
+        click.option("--train-rows", type=int, default=None, help="Rows sampled to train IVF [default: 256*nlist]."),
+        click.option("--index-seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _index_spec(kw: dict):
+    from kdstore.store.index import IndexSpec
+
+    return IndexSpec(
+        kind=kw.pop("kind"), metric=kw.pop("metric"), nlist=kw.pop("nlist"), nprobe=kw.pop("nprobe"),
+        hnsw_m=kw.pop("hnsw_m"), ef_construction=kw.pop("ef_construction"), ef_search=kw.pop("ef_search"),
+        pq_m=kw.pop("pq_m"), pq_nbits=kw.pop("pq_nbits"), train_rows=kw.pop("train_rows"), seed=kw.pop("index_seed"),
+    )
+
+
+@click.command("index")
+@STORE_ARG
+@TEACHER_OPT
+@FIELD_OPT
+@_index_options
+@click.option("--stream", is_flag=True, help="Read the field shard block by shard block instead of whole.")
+@_user_errors
+def index_cmd(store: Path, teacher: str, field: str, stream: bool, **kw) -> None:
+    """Build a FAISS index over a teacher's stored vectors: STORE/index/TEACHER.FIELD.faiss (+ .json).
+
+    Uses the GPU when FAISS sees one (not for hnsw). Recall@10 against flat stays above 0.95
+    with the defaults on real sentence embeddings; see docs for the measured figures.
+    """
+    from kdstore.store.retrieval import build_store_index
+
+    index, path = build_store_index(store, teacher, field, _index_spec(kw), in_memory=not stream)
+    params = {k: v for k, v in index.metadata()["params"].items() if v is not None}
+    click.echo(
+        f"{index.spec.kind} ({index.metric}) index of {index.ntotal} rows x {index.dim} in {index.build_seconds:.2f} s "
+        f"on {'gpu' if index.on_gpu else 'cpu'}, {path.stat().st_size / 2**20:.1f} MiB -> {path}"
+    )
+    click.echo("params: " + " ".join(f"{k}={v}" for k, v in params.items()))
+
+
+@click.command("mine")
+@STORE_ARG
+@TEACHER_OPT
+@FIELD_OPT
+@click.option("--name", default=None, help="Output STORE/negatives/NAME.parquet [default: the teacher name].")
+@click.option("--num-negatives", type=int, default=3, show_default=True)
+@click.option("--range-min", type=int, default=0, show_default=True, help="Skip the first N surviving candidates.")
+@click.option("--range-max", type=int, default=None, help="Candidates considered [default: range-min + 10*num-negatives with filters, else + num-negatives].")
+@click.option("--max-score", type=float, default=None, help="Drop candidates scoring above this.")
+@click.option("--min-score", type=float, default=None, help="Drop candidates scoring below this.")
+@click.option("--absolute-margin", type=float, default=None, help="Drop candidates with score + margin > positive score.")
+@click.option("--relative-margin", type=float, default=None, help="Drop candidates with score > positive - |positive| * margin.")
+@click.option("--exclude-same-label", is_flag=True, help="Never pick a row with the query's label.")
+@click.option("--positive", type=click.Choice(["label", "pairs", "none"]), default="label", show_default=True,
+              help="label: nearest row with the same label; pairs: from --pairs; none.")
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Parquet/CSV with columns anchor, positive (keys or rows).")
+@click.option("--sampling", type=click.Choice(["top", "random"]), default="top", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sampling random.")
+@click.option("--batch-rows", type=int, default=4096, show_default=True, help="Queries per index search.")
+@click.option("--rebuild-index", is_flag=True, help="Build (and save) the index again with the options below first.")
+@_index_options
+@_user_errors
+def mine_cmd(store: Path, teacher: str, field: str, name: str | None, rebuild_index: bool, pairs: Path | None, **kw) -> None:
+    """Mine hard negatives for every indexed row: STORE/negatives/NAME.parquet.
+
+    Options follow sentence-transformers' mine_hard_negatives. The saved index is used
+    (built first when missing). Columns: row, key, positive_row, positive_score,
+    negative_rows, negative_scores.
+    """
+    from kdstore.store.mine import MineSpec
+    from kdstore.store.retrieval import mine_store
+
+    index_spec = _index_spec(kw)
+    spec = MineSpec(**kw)
+    path, stats = mine_store(
+        store, teacher, field, spec, name=name, pairs=pairs, index_spec=index_spec if rebuild_index else None
+    )
+    click.echo(f"mined {stats.negatives} negatives for {stats.queries} rows in {stats.seconds:.2f} s -> {path}")
+    click.echo(f"candidates {stats.candidates}; skipped " + (", ".join(f"{k} {v}" for k, v in stats.skipped.items()) or "none"))
+    if stats.short_rows:
+        click.echo(f"{stats.short_rows} rows got fewer than {spec.num_negatives} negatives "
+                   "(widen --range-max or loosen the margins / scores)")
+    if stats.without_positive:
+        click.echo(f"{stats.without_positive} rows have no positive (margins were not applied to them)")
+
+
+@click.command("query")
+@STORE_ARG
+@TEACHER_OPT
+@FIELD_OPT
+@click.option("--key", default=None, help="A stored sample's key.")
+@click.option("--row", type=int, default=None, help="A stored row.")
+@click.option("--vector", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="A .npy vector [D].")
+@click.option("--text", default=None, help="Raw text, embedded with the store's teacher.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="An image file, embedded with the store's teacher.")
+@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@_user_errors
+def query_cmd(store: Path, teacher: str, field: str, k: int, as_json: bool, **kw) -> None:
+    """Print the K stored rows nearest to one query (by key, row, vector, text or image)."""
+    from kdstore.store.retrieval import query
+
+    hits = query(store, teacher, field, k=k, **kw)
+    if as_json:
+        for hit in hits:
+            click.echo(json.dumps(hit._asdict()))
+        return
+    click.echo(f"{'rank':>4}  {'row':>8}  {'score':>8}  {'label':>5}  key")
+    for rank, hit in enumerate(hits):
+        click.echo(f"{rank:>4}  {hit.row:>8}  {hit.score:>8.4f}  {hit.label:>5}  {hit.key}")

@@ -1,0 +1,336 @@
+"""Store glue for retrieval: index a teacher's stored field, mine negatives, query by key / vector / raw input.
+
+Files, beside the store's other parts::
+
+    STORE/index/<teacher>.<field>.faiss   + .json (+ .rows.npy when the indexed rows are not 0..n-1)
+    STORE/negatives/<name>.parquet
+
+Only valid rows are indexed (samples skipped with ``--on-error skip`` have no output). The
+index record keeps the teacher fingerprint it was built from; opening it after the
+teacher's outputs changed raises :class:`StoreMismatchError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kdstore.store.errors import InputError, StoreMismatchError
+from kdstore.store.index import IndexSpec, VectorIndex, build_index, load_index
+from kdstore.store.mine import MineSpec, MineStats, write_negatives
+from kdstore.store.reader import Store, TeacherData, open_store
+
+INDEX_DIR = "index"
+NEGATIVES_DIR = "negatives"
+
+
+class QueryHit(NamedTuple):
+    """One search result: store row, its key, score (larger = closer) and label (-1 = none)."""
+
+    row: int
+    key: str
+    score: float
+    label: int
+
+
+def _store(store: Store | str | os.PathLike[str]) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+def _file_part(name: str) -> str:
+    # Field names such as features/pool hold a slash; file names cannot.
+    return name.replace("/", "~")
+
+
+def index_path(store: Store | str | os.PathLike[str], teacher: str, field: str = "embedding") -> Path:
+    root = store.path if isinstance(store, Store) else Path(store)
+    return root / INDEX_DIR / f"{_file_part(teacher)}.{_file_part(field)}.faiss"
+
+
+def negatives_path(store: Store | str | os.PathLike[str], name: str) -> Path:
+    root = store.path if isinstance(store, Store) else Path(store)
+    return root / NEGATIVES_DIR / f"{_file_part(name)}.parquet"
+
+
+class StoreField:
+    """A stored field as a read-only ``[num_rows, dim]`` array, read in row blocks on demand.
+
+    ``field[a:b]`` and ``field[int_array]`` go through ``TeacherData.read`` (one contiguous
+    read per touched shard), so nothing holds the whole field in memory.
+    """
+
+    def __init__(self, teacher: TeacherData, field: str) -> None:
+        spec = teacher.fields.get(field)
+        if spec is None:
+            raise InputError(f"teacher {teacher.name} has no field {field!r}; it has {sorted(teacher.fields)}")
+        if len(spec.shape) != 1:
+            raise InputError(
+                f"{teacher.name}/{field} has per-row shape {spec.shape}; an index needs one vector per row "
+                "(store an embedding, or features pooled to [D])"
+            )
+        self.teacher, self.field = teacher, field
+        self.shape = (teacher.store.num_rows, int(spec.shape[0]))
+        self.dtype = np.dtype(spec.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        if isinstance(sel, slice):
+            sel = np.arange(*sel.indices(self.shape[0]))
+        return self.teacher.read(self.field, np.asarray(sel, dtype=np.int64))
+
+
+def read_field(store: Store | str | os.PathLike[str], teacher: str, field: str = "embedding") -> np.ndarray:
+    """The whole field, ``[num_rows, dim]`` in its stored dtype (shard-sequential reads)."""
+    s = _store(store)
+    StoreField(s.teacher(teacher), field)  # checks the field and its shape
+    return s.teacher(teacher).read(field)
+
+
+def _valid_rows(t: TeacherData) -> np.ndarray:
+    missing = t.missing_shards()
+    if missing:
+        raise InputError(
+            f"teacher {t.name} has unfinished shards {missing[:5]}{'...' if len(missing) > 5 else ''}: "
+            "finish `kdstore precompute` before indexing"
+        )
+    return np.nonzero(t.valid())[0].astype(np.int64)
+
+
+def build_store_index(
+    store: Store | str | os.PathLike[str],
+    teacher: str,
+    field: str = "embedding",
+    spec: IndexSpec | None = None,
+    *,
+    in_memory: bool = True,
+    progress: bool = True,
+) -> tuple[VectorIndex, Path]:
+    """Index every valid row of ``teacher``'s ``field`` and save it under ``STORE/index/``.
+
+    ``in_memory=False`` streams the field from the store in ``add_batch_rows`` blocks
+    instead of reading it whole first.
+    """
+    s = _store(store)
+    t = s.teacher(teacher)
+    source = StoreField(t, field)
+    rows = _valid_rows(t)
+    vectors: Any = t.read(field) if in_memory else source
+    subset = vectors if len(rows) == s.num_rows else _Rows(vectors, rows)
+    meta = {
+        "teacher": teacher,
+        "field": field,
+        "teacher_fingerprint": t.spec.fingerprint,
+        "store_rows": s.num_rows,
+    }
+    index = build_index(subset, spec, row_ids=rows, progress=progress, meta=meta)
+    path = index.save(index_path(s, teacher, field))
+    return index, path
+
+
+class _Rows:
+    """``vectors`` restricted to ``rows`` (positions 0..len(rows)-1 map to those rows)."""
+
+    def __init__(self, vectors: Any, rows: np.ndarray) -> None:
+        self.vectors, self.rows = vectors, rows
+        self.shape = (len(rows), int(vectors.shape[1]))
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        return self.vectors[self.rows[sel]]
+
+
+def open_store_index(
+    store: Store | str | os.PathLike[str], teacher: str, field: str = "embedding", **load_kwargs: Any
+) -> VectorIndex:
+    """Load ``STORE/index/<teacher>.<field>.faiss``; StoreMismatchError when the teacher changed since."""
+    s = _store(store)
+    t = s.teacher(teacher)
+    index = load_index(index_path(s, teacher, field), **load_kwargs)
+    built_from = index.meta.get("teacher_fingerprint")
+    if built_from != t.spec.fingerprint or index.meta.get("store_rows") != s.num_rows:
+        raise StoreMismatchError(
+            f"index {index_path(s, teacher, field).name} was built from another version of teacher {teacher} "
+            f"(fingerprint {str(built_from)[:16]}, {index.meta.get('store_rows')} rows); rebuild it with `kdstore index`"
+        )
+    return index
+
+
+def get_or_build_index(
+    store: Store | str | os.PathLike[str], teacher: str, field: str = "embedding", spec: IndexSpec | None = None,
+    *, progress: bool = True,
+) -> VectorIndex:
+    """The saved index when there is one (and ``spec`` is None), else a freshly built and saved one."""
+    s = _store(store)
+    if spec is None and index_path(s, teacher, field).with_suffix(".json").is_file():
+        return open_store_index(s, teacher, field)
+    return build_store_index(s, teacher, field, spec, progress=progress)[0]
+
+
+def read_pairs(path: str | os.PathLike[str], store: Store) -> np.ndarray:
+    """Anchor → positive pairs from Parquet or CSV (columns ``anchor``, ``positive``: keys or rows).
+
+    Returns int64 ``[num_rows]``: the positive row of each anchor row, -1 where none.
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"pairs file {path} does not exist")
+    table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
+    if not {"anchor", "positive"} <= set(table.column_names):
+        raise InputError(f"pairs file {path} needs columns 'anchor' and 'positive', it has {table.column_names}")
+    out = np.full(store.num_rows, -1, dtype=np.int64)
+
+    def to_rows(column: str) -> np.ndarray:
+        values = table.column(column).to_pylist()
+        if all(isinstance(v, int) for v in values):
+            rows = np.asarray(values, dtype=np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= store.num_rows):
+                raise InputError(f"pairs file {path}: {column} rows must be in [0, {store.num_rows})")
+            return rows
+        lookup = store.key_to_row
+        unknown = [v for v in values if str(v) not in lookup]
+        if unknown:
+            raise InputError(f"pairs file {path}: {len(unknown)} {column} keys are not in the store, e.g. {unknown[0]!r}")
+        return np.asarray([lookup[str(v)] for v in values], dtype=np.int64)
+
+    anchors, positives = to_rows("anchor"), to_rows("positive")
+    if len(np.unique(anchors)) != len(anchors):
+        raise InputError(f"pairs file {path}: an anchor appears twice; give one positive per anchor")
+    out[anchors] = positives
+    return out
+
+
+def mine_store(
+    store: Store | str | os.PathLike[str],
+    teacher: str,
+    field: str = "embedding",
+    spec: MineSpec | None = None,
+    *,
+    name: str | None = None,
+    pairs: str | os.PathLike[str] | None = None,
+    index_spec: IndexSpec | None = None,
+    progress: bool = True,
+) -> tuple[Path, MineStats]:
+    """Mine negatives for every indexed row and write ``STORE/negatives/<name>.parquet``.
+
+    Uses the saved index (built first, and saved, when missing or when ``index_spec`` is
+    given). ``pairs`` names a Parquet/CSV pairs file for ``spec.positive == "pairs"``.
+    """
+    s = _store(store)
+    spec = spec or MineSpec()
+    index = get_or_build_index(s, teacher, field, index_spec, progress=progress)
+    positive_rows = read_pairs(pairs, s) if pairs is not None else None
+    if spec.positive == "pairs" and positive_rows is None:
+        raise InputError("--positive pairs needs --pairs FILE (columns anchor, positive)")
+    labels = s.labels
+    if (spec.positive == "label" or spec.exclude_same_label) and not (labels >= 0).any():
+        raise InputError(f"store {s.path} has no labels: use --positive none or --positive pairs")
+    name = name or (teacher if field == "embedding" else f"{teacher}.{field}")
+    path = negatives_path(s, name)
+    stats = write_negatives(
+        path,
+        index,
+        s.teacher(teacher).read(field),
+        spec,
+        labels=labels,
+        positive_rows=positive_rows,
+        keys=s.keys,
+        progress=progress,
+        extra_metadata={"teacher": teacher, "field": field, "index": index_path(s, teacher, field).name},
+    )
+    return path, stats
+
+
+def embed_inputs(store: Store, teacher: str, field: str, samples: Sequence[dict[str, bytes]], *, device: str = "cpu") -> np.ndarray:
+    """Run the store's own teacher (its recorded factory) on raw samples → ``[n, dim]`` as stored.
+
+    Raises StoreMismatchError when the loaded teacher's fingerprint differs from the store's.
+    """
+    from kdstore.pipeline.reduce import OutputSpec, reduce_outputs
+    from kdstore.pipeline.teacher import load_teacher
+
+    spec = store.teacher(teacher).spec
+    if not spec.factory:
+        raise InputError(f"teacher {teacher} records no factory: embed the query yourself and pass a vector")
+    model = load_teacher(spec.factory, name=spec.name, input_key=spec.input_key or None, layers=spec.layers, device=device)
+    if model.fingerprint != spec.fingerprint:
+        raise StoreMismatchError(
+            f"{spec.factory} now has fingerprint {model.fingerprint[:16]}, the store was written with "
+            f"{spec.fingerprint[:16]}: its embeddings are not comparable"
+        )
+    outputs = [o for o in map(OutputSpec.parse, spec.outputs) if field in o.fields()]
+    if not outputs:
+        raise InputError(f"field {field!r} is not an output of teacher {teacher} ({list(spec.outputs)})")
+    raw = model.forward([model.preprocess(sample) for sample in samples])
+    fields = reduce_outputs(raw, outputs, batch_size=len(samples), temperature=spec.temperature, dtype=np.dtype(spec.dtype))
+    return fields[field]
+
+
+def query(
+    store: Store | str | os.PathLike[str],
+    teacher: str,
+    field: str = "embedding",
+    *,
+    key: str | None = None,
+    row: int | None = None,
+    vector: np.ndarray | str | os.PathLike[str] | None = None,
+    text: str | None = None,
+    image: bytes | str | os.PathLike[str] | None = None,
+    k: int = 10,
+    include_self: bool = False,
+    device: str = "cpu",
+) -> list[QueryHit]:
+    """The ``k`` nearest stored rows to one query; give exactly one of key, row, vector, text, image.
+
+    ``vector`` is an array ``[dim]`` or a ``.npy`` path; ``text`` / ``image`` (bytes or a
+    path) are embedded with the store's teacher. A query by key or row leaves that row out
+    unless ``include_self``.
+    """
+    s = _store(store)
+    given = [name for name, v in (("key", key), ("row", row), ("vector", vector), ("text", text), ("image", image)) if v is not None]
+    if len(given) != 1:
+        raise InputError(f"give exactly one of key, row, vector, text, image (got {given or 'none'})")
+    if k < 1:
+        raise InputError(f"k must be >= 1, got {k}")
+    index = open_store_index(s, teacher, field)
+    self_row = None
+    if key is not None:
+        if key not in s.key_to_row:
+            raise InputError(f"key {key!r} is not in store {s.path}")
+        row = s.key_to_row[key]
+    if row is not None:
+        if not 0 <= int(row) < s.num_rows:
+            raise InputError(f"row must be in [0, {s.num_rows}), got {row}")
+        self_row = int(row)
+        q = s.teacher(teacher).read(field, [self_row])
+    elif vector is not None:
+        if isinstance(vector, (str, os.PathLike)):
+            try:
+                vector = np.load(vector)
+            except (OSError, ValueError) as err:
+                raise InputError(f"cannot read query vector {vector}: {err}") from None
+        q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+    else:
+        t = s.teacher(teacher)
+        if text is not None:
+            sample = {t.spec.input_key or "txt": text.encode("utf-8")}
+        else:
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            sample = {t.spec.input_key or Path(str(image)).suffix.lstrip(".") or "png": data}
+        q = embed_inputs(s, teacher, field, [sample], device=device)
+    extra = 1 if self_row is not None and not include_self else 0
+    scores, rows = index.search(q, min(k + extra, index.ntotal))
+    labels, keys = s.labels, s.keys
+    hits = [
+        QueryHit(int(r), str(keys[r]), float(sc), int(labels[r]))
+        for sc, r in zip(scores[0], rows[0])
+        if r >= 0 and (include_self or r != self_row)
+    ]
+    return hits[:k]
