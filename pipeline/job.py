@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +138,9 @@ def plan_store(cfg: PrecomputeConfig, urls: list[str]):
                 (root / name).unlink(missing_ok=True)
         else:
             return store
-    lister = ray.remote(num_cpus=0.25)(_list_or_error)
-    listings = ray.get([lister.remote(u) for u in urls])
+    # Listing is I/O (tar headers): threads in the driver, while the actors load the teacher.
+    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+        listings = list(pool.map(_list_or_error, urls))
     kept, skipped = [], []
     for url, listing in zip(urls, listings):
         if isinstance(listing, Exception):
