@@ -108,7 +108,7 @@ def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...
 @click.option("--input-key", default=None, help="Sample field the teacher reads (plain modules: default png).")
 @click.option("--layer", "layers", multiple=True, help="Module layer to capture with a forward hook (for features:/embedding:). Repeatable.")
 @click.option("--output", "-o", "outputs", multiple=True, default=("logits",), show_default=True,
-              help="logits | topk:K | features:LAYER[:none|mean|flatten] | embedding[:LAYER][:l2] | scores. Repeatable.")
+              help="logits | topk:K | features:LAYER[:none|mean|flatten] | embedding[:LAYER][:l2] | scores | tokens:NAME (a teacher's per-token output). Repeatable.")
 @click.option("--temperature", default=1.0, show_default=True, help="Temperature for the top-k residual mass (recorded).")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--views", default=0, show_default=True, help="Augmented views per sample (0 = un-augmented input).")
@@ -187,7 +187,8 @@ def info_cmd(store_path: Path, as_json: bool) -> None:
         for col in ("field", "shape", "dtype", "bytes on disk", "bytes/sample"):
             table.add_column(col, justify="right" if "bytes" in col else "left")
         for f in t["fields"]:
-            shape = "[N, " + ", ".join(map(str, f["shape"])) + "]" if f["shape"] else "[N]"
+            lead = "N×tokens" if f.get("ragged") else "N"
+            shape = f"[{lead}, " + ", ".join(map(str, f["shape"])) + "]" if f["shape"] else f"[{lead}]"
             table.add_row(f["field"], shape, f["dtype"], _human(f["bytes_on_disk"]), f"{f['bytes_per_sample']:.1f}")
         console.print(table)
         for s in t["skipped_examples"]:

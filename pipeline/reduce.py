@@ -40,13 +40,15 @@ class OutputSpec:
             if pool not in POOLS:
                 raise InputError(f"--output {text}: pool must be one of {POOLS}")
             return cls(kind="features", layer=args[0], pool=pool)
+        if kind == "tokens" and len(args) == 1 and args[0]:
+            return cls(kind="tokens", layer=args[0])
         if kind == "embedding" and len(args) <= 2:
             l2 = bool(args) and args[-1] in ("l2", "raw") and args.pop() == "l2"
             if len(args) <= 1:
                 return cls(kind="embedding", layer=args[0] if args else "", l2=l2)
         raise InputError(
             f"--output {text!r} not understood; use logits | topk:K | features:LAYER[:none|mean|flatten] "
-            "| embedding[:LAYER][:l2] | scores"
+            "| embedding[:LAYER][:l2] | scores | tokens:NAME"
         )
 
     def to_text(self) -> str:
@@ -54,6 +56,8 @@ class OutputSpec:
             return f"topk:{self.k}"
         if self.kind == "features":
             return f"features:{self.layer}:{self.pool}"
+        if self.kind == "tokens":
+            return f"tokens:{self.layer}"
         if self.kind == "embedding":
             return ":".join(["embedding", *([self.layer] if self.layer else []), *(["l2"] if self.l2 else [])])
         return self.kind
@@ -63,6 +67,8 @@ class OutputSpec:
         """The teacher output this spec reads."""
         if self.kind in ("logits", "topk", "scores"):
             return "logits"
+        if self.kind == "tokens":
+            return f"tokens/{self.layer}"
         if self.kind == "features" or (self.kind == "embedding" and self.layer):
             return f"features/{self.layer}"
         return "embedding"
@@ -74,6 +80,7 @@ class OutputSpec:
             "features": [f"features/{self.layer}"],
             "embedding": ["embedding"],
             "scores": ["scores/entropy", "scores/max_prob"],
+            "tokens": [f"tokens/{self.layer}"],
         }[self.kind]
 
 
@@ -85,12 +92,24 @@ def _pool(x: torch.Tensor, pool: str) -> torch.Tensor:
     return x
 
 
+def _ragged(x, name: str, batch_size: int, dtype: np.dtype) -> list[np.ndarray]:
+    """A per-token output: a list of ``b`` tensors ``[len_i, ...]`` with equal trailing shapes."""
+    if not isinstance(x, (list, tuple)) or len(x) != batch_size:
+        raise TeacherOutputError(f"teacher output {name!r} must be a list of {batch_size} tensors [len_i, ...]")
+    rows = [t.detach().float().cpu().numpy() for t in x]
+    if len({r.shape[1:] for r in rows}) > 1 or any(r.ndim < 1 for r in rows):
+        raise TeacherOutputError(f"teacher output {name!r}: per-token tensors differ in trailing shape")
+    return [r.astype(dtype) for r in rows]
+
+
 def bad_rows(outputs: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
     """``[b]`` bool: rows with NaN/inf in any dense output."""
     bad = torch.zeros(batch_size, dtype=torch.bool)
     for value in outputs.values():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape[:1] == (batch_size,):
             bad |= ~torch.isfinite(value.detach().float().cpu().reshape(batch_size, -1)).all(1)
+        elif isinstance(value, (list, tuple)) and len(value) == batch_size:
+            bad |= torch.tensor([not bool(torch.isfinite(t.detach().float()).all()) for t in value])
     return bad
 
 
@@ -117,6 +136,9 @@ def reduce_outputs(
                 f"--output {spec.to_text()} needs teacher output {spec.source!r}; the teacher returned {sorted(outputs)}"
             )
         x = outputs[spec.source]
+        if spec.kind == "tokens":
+            fields[spec.source] = _ragged(x, spec.source, batch_size, dtype)
+            continue
         if not isinstance(x, torch.Tensor) or x.shape[:1] != (batch_size,):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise TeacherOutputError(f"teacher output {spec.source!r} has shape {shape}; expected leading dim {batch_size}")

@@ -95,6 +95,7 @@ class ShardProcessor:
         augment = AugmentSpec.parse(spec.augment)
         n, views = shard.num_rows, spec.views
         fields: dict[str, np.ndarray] = {}
+        ragged: dict[str, list[np.ndarray | None]] = {}
         valid = np.zeros(n, dtype=bool)
         params = np.zeros((n, views, 5), dtype=np.int32) if views else None
         skipped: list[dict] = []
@@ -119,6 +120,11 @@ class ShardProcessor:
             bad = bad.reshape(len(batch), max(1, views)).any(1).numpy()
             rows = np.asarray(batch.rows)
             for name, value in reduced.items():
+                if isinstance(value, list):  # per-token output: one [len_i, ...] array per row
+                    column = ragged.setdefault(name, [None] * n)
+                    for i in np.nonzero(~bad)[0]:
+                        column[rows[i]] = value[i]
+                    continue
                 value = value.reshape(len(batch), views, *value.shape[1:]) if views else value
                 if name not in fields:
                     fields[name] = np.zeros((n, *value.shape[1:]), dtype=value.dtype)
@@ -164,13 +170,14 @@ class ShardProcessor:
         flush(batch)
         if seen != n:
             raise InputError(f"shard {shard.url} changed since the store was planned: {seen} samples, planned {n}")
-        if not fields:
+        if not fields and not ragged:
             raise InputError(f"shard {shard.url}: every sample failed; first: {skipped[0]['reason'] if skipped else '?'}")
         return write_shard(
             Path(root),
             spec,
             shard,
             fields,
+            ragged=ragged,
             valid=valid,
             view_params=params,
             skipped=skipped,

@@ -27,7 +27,7 @@ from kdstore.store.schema import (
     TeacherSpec,
     read_json,
 )
-from kdstore.store.writer import VALID_ARRAY, VIEWS_ARRAY, shard_array_path, teacher_dir
+from kdstore.store.writer import OFFSETS_SUFFIX, VALID_ARRAY, VIEWS_ARRAY, shard_array_path, teacher_dir
 
 
 class TeacherData:
@@ -64,7 +64,7 @@ class TeacherData:
         if not records:
             return {}
         first = records[min(records)]
-        return {k: v for k, v in first.fields.items() if not k.startswith("_")}
+        return {k: v for k, v in first.fields.items() if not k.startswith("_") and not k.endswith(OFFSETS_SUFFIX)}
 
     def missing_shards(self) -> list[int]:
         done = self.done_records()
@@ -88,9 +88,21 @@ class TeacherData:
             raise InputError(f"teacher {self.name} has no field {field!r}; it has {sorted(self.fields)}")
 
     def read_shard(self, field: str, shard_index: int) -> np.ndarray:
-        """``[shard.num_rows, *shape]``: one field of one shard, read in one sequential pass."""
+        """``[shard.num_rows, *shape]``: one field of one shard, read in one sequential pass.
+
+        For a per-token (ragged) field: ``[sum(len_i), *shape]``; see :meth:`read_tokens`.
+        """
         self._check_field(field)
         return self._group(shard_index)[field][...]
+
+    def read_tokens(self, field: str, shard_index: int) -> list[np.ndarray]:
+        """A per-token field of one shard as ``num_rows`` arrays ``[len_i, *shape]``."""
+        self._check_field(field)
+        if not self.fields[field].ragged:
+            raise InputError(f"field {field!r} of teacher {self.name} is not a per-token field")
+        group = self._group(shard_index)
+        values, offsets = group[field][...], group[field + OFFSETS_SUFFIX][...]
+        return [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
 
     def read(self, field: str, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """``[len(rows), *shape]`` (all rows when ``rows`` is None), in the order asked.
@@ -98,6 +110,8 @@ class TeacherData:
         Reads each touched shard's rows once, as one contiguous slice.
         """
         self._check_field(field)
+        if field in self.fields and self.fields[field].ragged:
+            raise InputError(f"field {field!r} is per-token; read it with read_tokens(field, shard)")
         if rows is None:
             return np.concatenate([self.read_shard(field, s.index) for s in self.store.shards], axis=0)
         rows = np.asarray(rows, dtype=np.int64)

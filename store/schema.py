@@ -177,6 +177,7 @@ class FieldSpec:
     dtype: str
     sha256: str = ""
     nbytes_disk: int = 0
+    ragged: bool = False  # per-token: ``shape`` is per token, rows via ``NAME.offsets``
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -99,6 +99,7 @@ def summarize(store: Store) -> dict:
                     "field": fname,
                     "shape": list(spec.shape),
                     "dtype": spec.dtype,
+                    "ragged": spec.ragged,
                     "bytes_on_disk": nbytes,
                     "bytes_per_sample": nbytes / rows_done if rows_done else float("nan"),
                 }

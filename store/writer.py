@@ -40,6 +40,7 @@ from kdstore.store.schema import (
 CHUNK_ROWS = 4096
 VALID_ARRAY = "_valid"
 VIEWS_ARRAY = "_views"
+OFFSETS_SUFFIX = ".offsets"
 
 
 def kdstore_version() -> str:
@@ -185,6 +186,7 @@ def write_shard(
     fields: dict[str, np.ndarray],
     *,
     valid: np.ndarray,
+    ragged: dict[str, list[np.ndarray | None]] | None = None,
     view_params: np.ndarray | None = None,
     skipped: Sequence[dict] = (),
     seconds: float = 0.0,
@@ -192,6 +194,9 @@ def write_shard(
     fence_token: str | None = None,
 ) -> DoneRecord:
     """Write one shard's fields (each ``[num_rows, ...]``) and then its done record.
+
+    ``ragged`` fields hold one ``[len_i, ...]`` array per row (None for a skipped row); they
+    are stored as ``NAME`` ``[sum(len_i), ...]`` plus ``NAME.offsets`` ``[num_rows + 1]`` int64.
 
     The arrays land in ``shards/SHARD.zarr`` via a temp folder and a rename; a previous
     partial folder of the same shard is replaced. Returns the done record written.
@@ -206,8 +211,17 @@ def write_shard(
     arrays[VALID_ARRAY] = valid.astype(bool)
     if view_params is not None:
         arrays[VIEWS_ARRAY] = view_params.astype(np.int32)
+    ragged_names = set()
+    for name, column in (ragged or {}).items():
+        template = next(r for r in column if r is not None)
+        filled = [r if r is not None else np.zeros((0, *template.shape[1:]), template.dtype) for r in column]
+        arrays[name + OFFSETS_SUFFIX] = np.concatenate([[0], np.cumsum([len(r) for r in filled])]).astype(np.int64)
+        arrays[name] = np.concatenate(filled, axis=0)
+        ragged_names.add(name)
     for name, array in arrays.items():
-        if array.shape[0] != shard.num_rows:
+        if name in ragged_names or name.endswith(OFFSETS_SUFFIX):
+            pass
+        elif array.shape[0] != shard.num_rows:
             raise ValueError(f"field {name} has {array.shape[0]} rows, shard {shard.index} owns {shard.num_rows}")
         chunks = (min(CHUNK_ROWS, max(1, shard.num_rows)), *array.shape[1:])
         group.create_array(name, data=np.ascontiguousarray(array), chunks=chunks)
@@ -217,6 +231,7 @@ def write_shard(
             dtype=array.dtype.name,
             sha256=array_sha256(array),
             nbytes_disk=_dir_bytes(tmp / name),
+            ragged=name in ragged_names,
         )
     final = shards_dir / f"{shard.name}.zarr"
     check_fence(root, fence_token)

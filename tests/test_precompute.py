@@ -250,3 +250,22 @@ def test_config_validation(tmp_path):
         cfg(tmp_path, ["x.tar"], views=2)
     with pytest.raises(InputError, match="unknown transform 'blur'"):
         cfg(tmp_path, ["x.tar"], views=2, augment="blur:p=1")
+
+
+def test_per_token_outputs_are_stored_ragged(tmp_path, make_shards, ray_session):
+    shards = make_shards(2, 10)
+    teacher = TeacherLoad(factory="kd_test_teachers:row_tokens")
+    run_precompute(cfg(tmp_path / "s", shards, teacher=teacher, outputs=("embedding", "tokens:rows"), dtype="float32"))
+    store = open_store(tmp_path / "s")
+    t = store.teacher("rows")
+    assert t.fields["tokens/rows"].ragged and t.fields["tokens/rows"].shape == (28,)
+    tokens = t.read_tokens("tokens/rows", 1)
+    samples = list(iter_samples(str(shards[1])))
+    assert len(tokens) == 10
+    for sample, got in zip(samples, tokens):
+        image = decode_image(sample["png"])[0]
+        n = 3 + int(sample["__key__"].split("_")[-1]) % 5
+        np.testing.assert_allclose(got, (image[:n] * 2).numpy(), rtol=1e-6)
+    with pytest.raises(InputError, match="per-token"):
+        t.read("tokens/rows")
+    assert verify_store(store).ok

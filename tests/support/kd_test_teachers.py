@@ -53,3 +53,28 @@ def slow_teacher(delay_s: float = 0.2, marker: str | None = None) -> nn.Module:
 
 def not_a_teacher():
     return object()
+
+
+class RowTokenTeacher:
+    """A Teacher (protocol, not a module) with a ragged per-token output: the first
+    ``3 + (key number % 5)`` pixel rows of each image are its "tokens" ``[len_i, 28]``."""
+
+    name = "rows"
+    fingerprint = "test:row-tokens:v1"
+    input_key = "png"
+
+    def preprocess(self, sample: dict):
+        from kdstore.pipeline.decode import decode_image
+
+        image = decode_image(sample["png"])[0]
+        return image[: 3 + int(sample["__key__"].split("_")[-1]) % 5]
+
+    def forward(self, inputs: list):
+        return {
+            "embedding": torch.stack([t.mean(0) for t in inputs]),
+            "tokens/rows": [t * 2.0 for t in inputs],
+        }
+
+
+def row_tokens() -> RowTokenTeacher:
+    return RowTokenTeacher()
