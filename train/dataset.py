@@ -1,0 +1,581 @@
+"""The streaming join: student inputs from the WebDataset shards, targets from the store.
+
+One epoch is planned before anything is read, from the seed alone:
+
+1. the selected shards are put in a seeded per-epoch order, and their rows (all rows, or
+   only the labelled subset) concatenated;
+2. that sequence is cut into ``world_size × workers`` contiguous slots of equal length
+   (sizes differ by at most one sample; the short slots get one blank *pad* item, masked
+   out of every loss), so each sample is seen exactly once per epoch and every rank runs
+   the same number of steps;
+3. each slot's yield order is a bounded shuffle buffer simulated on positions.
+
+Then each slot reads its shards in order: per shard, one contiguous store range per field
+(never row-by-row) and the tar's samples, checking that every key matches the store row.
+Because the order is a function of ``(seed, epoch, slot)``, resuming mid-epoch is skipping
+the first items of the order — skipped shards are not even opened.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
+from kdstore.pipeline.decode import decode_field
+from kdstore.pipeline.shards import expand_urls, iter_samples, list_shard
+from kdstore.store.errors import InputError, StoreMismatchError
+from kdstore.store.reader import Store, open_store
+from kdstore.store.schema import ShardInfo
+from kdstore.store.writer import VIEWS_ARRAY, input_fingerprint
+from kdstore.train.config import parse_labels_spec
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+# --------------------------------------------------------------------------- planning (pure)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``rows`` (local indices, ascending) of one store shard, read in one pass."""
+
+    shard: ShardInfo
+    url: str
+    rows: np.ndarray
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """What one (rank, worker) slot yields in one epoch: ``order`` indexes the concatenated
+    segment rows; ``pads`` blank items follow them."""
+
+    segments: tuple[Segment, ...]
+    order: np.ndarray
+    pads: int
+
+    @property
+    def num_items(self) -> int:
+        return len(self.order) + self.pads
+
+
+def shard_order(num_shards: int, seed: int, epoch: int | None) -> np.ndarray:
+    """``[num_shards]`` int64: the seeded shard permutation of ``epoch`` (natural order when None)."""
+    if epoch is None:
+        return np.arange(num_shards)
+    return np.random.default_rng([int(seed), int(epoch), 0x5A4D]).permutation(num_shards)
+
+
+def split_contiguous(lengths: Sequence[int], slots: int) -> list[list[tuple[int, int, int]]]:
+    """Cut the concatenation of ``lengths`` into ``slots`` contiguous parts of near-equal size.
+
+    Returns per slot a list of ``(segment_index, start, stop)`` pieces.
+    """
+    total = int(sum(lengths))
+    bounds = [total * s // slots for s in range(slots + 1)]
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    parts: list[list[tuple[int, int, int]]] = []
+    for s in range(slots):
+        lo, hi = bounds[s], bounds[s + 1]
+        pieces = []
+        for i, length in enumerate(lengths):
+            a, b = max(lo, starts[i]), min(hi, starts[i] + length)
+            if a < b:
+                pieces.append((i, int(a - starts[i]), int(b - starts[i])))
+        parts.append(pieces)
+    return parts
+
+
+def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n]`` int64: the order a shuffle buffer of ``buffer_size`` yields items ``0..n-1`` in.
+
+    Item ``t`` of the output was read at most ``buffer_size`` items earlier, so a reader
+    holds at most ``buffer_size + 1`` items at once.
+    """
+    out = np.empty(n, dtype=np.int64)
+    if buffer_size <= 1 or n <= 1:
+        out[:] = np.arange(n)
+        return out
+    buf = list(range(min(buffer_size, n)))
+    picks = rng.integers(0, len(buf), size=max(0, n - len(buf)))
+    for t, item in enumerate(range(len(buf), n)):
+        j = picks[t]
+        out[t] = buf[j]
+        buf[j] = item
+    tail = n - len(buf)
+    out[tail:] = np.asarray(buf, dtype=np.int64)[rng.permutation(len(buf))]
+    return out
+
+
+def mix64(*parts: np.ndarray | int) -> np.ndarray:
+    """splitmix64 over the given integers (broadcast): a cheap, stable per-row hash."""
+    with np.errstate(over="ignore"):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for p in parts:
+            z = (h ^ np.asarray(p, dtype=np.int64).astype(np.uint64)) + np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            h = (z ^ (z >> np.uint64(31))) & _MASK64
+    return h
+
+
+def labeled_mask(store: Store, shards: Sequence[ShardInfo], spec: str, seed: int) -> np.ndarray:
+    """``[store.num_rows]`` bool: rows whose label the student may use.
+
+    ``all`` every labelled row of ``shards``; ``none``; ``per_class:N`` N rows per class and
+    ``count:N`` N rows, drawn with ``seed`` from ``shards`` (a fixed, documented choice);
+    ``keys:PATH`` the keys listed one per line in PATH.
+    """
+    kind, arg = parse_labels_spec(spec)
+    labels = store.labels
+    domain = np.zeros(store.num_rows, dtype=bool)
+    for s in shards:
+        domain[s.row_start : s.row_stop] = True
+    domain &= labels >= 0
+    mask = np.zeros(store.num_rows, dtype=bool)
+    rng = np.random.default_rng(seed)
+    if kind == "all":
+        mask = domain
+    elif kind == "per_class":
+        for c in np.unique(labels[domain]):
+            rows = np.nonzero(domain & (labels == c))[0]
+            if len(rows) < arg:
+                raise InputError(f"data.labels {spec}: class {c} has only {len(rows)} labelled rows in the training shards")
+            mask[rng.choice(rows, size=arg, replace=False)] = True
+    elif kind == "count":
+        rows = np.nonzero(domain)[0]
+        if len(rows) < arg:
+            raise InputError(f"data.labels {spec}: only {len(rows)} labelled rows in the training shards")
+        mask[rng.choice(rows, size=arg, replace=False)] = True
+    elif kind == "keys":
+        path = Path(arg)
+        if not path.is_file():
+            raise InputError(f"data.labels {spec}: {path} not found")
+        index = store.key_to_row
+        for line in path.read_text().split():
+            if line not in index:
+                raise InputError(f"data.labels {spec}: key {line!r} is not in the store")
+            mask[index[line]] = True
+        mask &= domain
+    return mask
+
+
+# --------------------------------------------------------------------------- inputs vs store
+
+
+def resolve_inputs(store: Store, patterns: Sequence[str]) -> dict[int, str]:
+    """Shard index → input URL: the store's own URLs, or ``patterns`` matched by file name."""
+    if not patterns:
+        return {s.index: s.url for s in store.shards}
+    by_name: dict[str, str] = {}
+    for url in expand_urls(list(patterns)):
+        name = os.path.basename(url.rstrip("/"))
+        if name in by_name:
+            raise InputError(f"data.inputs: two shards are named {name} ({by_name[name]}, {url})")
+        by_name[name] = url
+    return {s.index: by_name[os.path.basename(s.url)] for s in store.shards if os.path.basename(s.url) in by_name}
+
+
+def _first_key(url: str) -> str | None:
+    for sample in iter_samples(url):
+        return sample.get("__key__")
+    return None
+
+
+def verify_inputs(store: Store, urls: dict[int, str], shards: Sequence[ShardInfo], mode: str) -> None:
+    """Refuse inputs that are not the ones the store was precomputed from.
+
+    ``full`` lists every key of every shard and compares it with the store (and, when all
+    of the store's shards are given, recomputes the input fingerprint); ``quick`` compares
+    the first key of each shard; ``off`` checks nothing here (keys are still checked while
+    streaming).
+    """
+    if mode == "off":
+        return
+    listed: dict[int, list[str]] = {}
+    for s in shards:
+        url = urls[s.index]
+        expected = list(store.keys[s.row_start : s.row_stop])
+        if mode == "quick":
+            got = _first_key(url)
+            if got != expected[0]:
+                raise StoreMismatchError(_mismatch(store, s, url, f"its first key is {got!r}, the store's is {expected[0]!r}"))
+            continue
+        keys = list_shard(url).keys
+        if keys != expected:
+            diff = next((i for i, (a, b) in enumerate(zip(keys, expected)) if a != b), min(len(keys), len(expected)))
+            detail = (
+                f"it has {len(keys)} samples, the store {len(expected)}" if len(keys) != len(expected)
+                else f"sample {diff} is {keys[diff]!r}, the store has {expected[diff]!r}"
+            )
+            raise StoreMismatchError(_mismatch(store, s, url, detail))
+        listed[s.index] = keys
+    if mode == "full" and len(listed) == len(store.shards):
+        got = input_fingerprint([s.url for s in store.shards], [listed[s.index] for s in store.shards])
+        if got != store.manifest.input_fingerprint:
+            raise StoreMismatchError(
+                f"input fingerprint {got[:19]}… differs from store {store.path}'s {store.manifest.input_fingerprint[:19]}…; "
+                "the store's samples.parquet does not match store.json — run `kdstore verify`"
+            )
+
+
+def _mismatch(store: Store, shard: ShardInfo, url: str, detail: str) -> str:
+    return (
+        f"input shard {url} does not match store {store.path} (shard {shard.index}, {shard.url}): {detail}. "
+        "The shards changed since `kdstore precompute`: point data.inputs at the shards the store was built "
+        "from, or precompute a new store"
+    )
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+class InputCache:
+    """Decoded 8-bit student inputs kept in memory, per shard (``data.cache``).
+
+    Holds uint8 copies (``decode_image`` divides 8-bit pixels by 255, so the round trip is
+    exact); a shard whose needed rows are all cached is not opened again. Each DataLoader
+    worker process holds its own copy: use it with ``persistent_workers`` or in-process.
+    """
+
+    def __init__(self) -> None:
+        self._images: dict[str, np.ndarray] = {}
+        self._have: dict[str, np.ndarray] = {}
+
+    def has_all(self, url: str, rows: np.ndarray) -> bool:
+        have = self._have.get(url)
+        return have is not None and bool(have[rows].all())
+
+    def get(self, url: str, row: int) -> torch.Tensor:
+        return torch.from_numpy(self._images[url][row]).float().div_(255.0)
+
+    def put(self, url: str, num_rows: int, row: int, image: torch.Tensor) -> None:
+        if url not in self._images:
+            self._images[url] = np.zeros((num_rows, *image.shape), dtype=np.uint8)
+            self._have[url] = np.zeros(num_rows, dtype=bool)
+        self._images[url][row] = image.mul(255.0).round_().to(torch.uint8).numpy()
+        self._have[url][row] = True
+
+
+class StreamingDataset(IterableDataset):
+    """Samples ``{"input", "label", "targets", "row", "key", "valid", "pad", "view"}`` of one epoch.
+
+    - ``input``: float32 tensor ``[C, H, W]`` (the stored view's crop/flip applied when the store has views);
+    - ``label``: int, -1 when the row is outside the labelled subset or has no label;
+    - ``targets[teacher][field]``: the stored row as numpy (view axis resolved, stored dtype),
+      plus ``targets[teacher]["valid"]`` (bool);
+    - ``row`` int store row; ``key`` str; ``valid`` bool (all teachers valid); ``pad`` bool (blank
+      filler so all slots have equal length; never valid); ``view`` int (-1 = none).
+
+    A ``DataLoader`` with the default collate turns these into batched tensors.
+
+    Args:
+        store: a store or its path.
+        shards: selectors (index, URL substring, ``"A..B"`` index range); all when None.
+        fields: ``{teacher: [field, ...]}`` targets to read.
+        inputs: input URL patterns replacing the store's shard URLs (matched by file name).
+        labels / labels_seed / only_labeled: the labelled subset; ``only_labeled`` streams only it.
+        shuffle: seeded shard order and shuffle buffer (False: store order, for evaluation).
+        replay_views: when the teachers have views, apply one stored view per sample (seeded by
+            epoch and row) and give its targets; False: un-augmented inputs, targets keep their
+            ``[V]`` axis (evaluation).
+        augment: fresh seeded augmentation per epoch (online KD); exclusive with stored views.
+        rank / world_size: default from ``torch.distributed`` when initialised.
+        loader_workers / loader_batch_size: the DataLoader's ``num_workers`` and ``batch_size``;
+            needed for :meth:`batches_per_rank` and mid-epoch resume (None: not checked).
+    """
+
+    def __init__(
+        self,
+        store: Store | str | Path,
+        *,
+        shards: Sequence[str | int] | None = None,
+        fields: dict[str, Sequence[str]] | None = None,
+        inputs: Sequence[str] = (),
+        input_key: str = "",
+        labels: str = "all",
+        labels_seed: int = 0,
+        only_labeled: bool = False,
+        shuffle: bool = True,
+        shuffle_buffer: int = 4096,
+        seed: int = 0,
+        replay_views: bool = True,
+        augment: str = "",
+        rank: int | None = None,
+        world_size: int | None = None,
+        loader_workers: int | None = None,
+        loader_batch_size: int = 1,
+        cache: InputCache | bool | None = None,
+        verify: str = "full",
+    ) -> None:
+        super().__init__()
+        self.store = store if isinstance(store, Store) else open_store(store)
+        self.shards = select_shards(self.store, shards)
+        self.fields = {name: list(f) for name, f in (fields or {}).items()}
+        self.teachers = {name: self.store.teacher(name) for name in self.fields}
+        self.input_key = input_key or self._default_input_key()
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, int(shuffle_buffer), int(seed)
+        self.only_labeled = only_labeled
+        self.labeled = labeled_mask(self.store, self.shards, labels, labels_seed)
+        self.views = self._check_views()
+        self.replay = bool(replay_views and self.views)
+        self.augment = AugmentSpec.parse(augment) if augment else None
+        if self.augment and self.replay:
+            raise InputError("fresh augmentation (online) and stored views cannot both apply; use a store without views")
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            on = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.loader_workers = None if loader_workers is None else int(loader_workers)
+        self.loader_batch_size = int(loader_batch_size)
+        self.cache = InputCache() if cache is True else (cache or None)
+        self.urls = resolve_inputs(self.store, inputs)
+        missing = [s.url for s in self.shards if s.index not in self.urls]
+        if missing:
+            raise InputError(f"data.inputs has no shard named like {os.path.basename(missing[0])} (store shard {missing[0]})")
+        self._check_teachers()
+        verify_inputs(self.store, self.urls, self.shards, verify)
+        # Shared with forked DataLoader workers, so persistent workers see set_epoch/resume.
+        self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    # ----------------------------------------------------------------- setup checks
+
+    def _default_input_key(self) -> str:
+        keys = {t.spec.input_key for t in self.teachers.values() if t.spec.input_key}
+        if len(keys) > 1:
+            raise InputError(f"teachers read different inputs {sorted(keys)}; set data.input_key")
+        return keys.pop() if keys else "png"
+
+    def _check_views(self) -> int:
+        specs = {(t.views, t.spec.augment, t.spec.seed) for t in self.teachers.values()}
+        if any(v for v, _, _ in specs) and len(specs) > 1:
+            raise InputError(
+                "teachers were precomputed with different views/augmentation "
+                f"({', '.join(f'{n}: views={t.views} augment={t.spec.augment!r}' for n, t in self.teachers.items())}); "
+                "the student input can match only one — train from teachers with the same views"
+            )
+        return next(iter(specs))[0] if specs else 0
+
+    def _check_teachers(self) -> None:
+        for name, t in self.teachers.items():
+            absent = set(t.missing_shards())
+            missing = [s.index for s in self.shards if s.index in absent]
+            if missing:
+                raise InputError(f"teacher {name} has no outputs for shard(s) {missing[:5]} yet; finish `kdstore precompute`")
+            for f in self.fields[name]:
+                if f not in t.fields:
+                    raise InputError(f"teacher {name} has no field {f!r}; it has {sorted(t.fields)}")
+
+    # ----------------------------------------------------------------- planning
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch the next ``iter()`` streams (also seen by persistent workers)."""
+        self._state[0] = int(epoch)
+
+    def set_resume(self, batches_done: int) -> None:
+        """Skip the first ``batches_done`` batches this rank's DataLoader yielded in the epoch."""
+        self._state[1] = int(batches_done)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    def _rows(self, shard: ShardInfo) -> np.ndarray:
+        rows = np.arange(shard.num_rows)
+        if self.only_labeled:
+            rows = rows[self.labeled[shard.row_start : shard.row_stop]]
+        return rows
+
+    def num_samples(self) -> int:
+        """Real samples per epoch over all ranks."""
+        return sum(len(self._rows(s)) for s in self.shards)
+
+    def _slots(self, workers: int) -> int:
+        return self.world_size * max(1, workers)
+
+    def slot_size(self, workers: int | None = None) -> int:
+        """Items (real + pad) every slot yields per epoch."""
+        slots = self._slots(self.loader_workers or 0 if workers is None else workers)
+        return -(-self.num_samples() // slots)
+
+    def batches_per_rank(self) -> int:
+        """Batches this rank's DataLoader yields per epoch (the same on every rank)."""
+        per_worker = -(-self.slot_size() // self.loader_batch_size)
+        return max(1, self.loader_workers or 0) * per_worker
+
+    def plan(self, epoch: int, slot: int, slots: int) -> SlotPlan:
+        """The slot's segments and yield order for ``epoch`` (pure: depends on the seed only)."""
+        order = shard_order(len(self.shards), self.seed, epoch if self.shuffle else None)
+        shards = [self.shards[i] for i in order]
+        rows = [self._rows(s) for s in shards]
+        total = sum(len(r) for r in rows)
+        if total < slots:
+            raise InputError(f"{total} samples cannot feed {slots} ranks × workers; use fewer")
+        pieces = split_contiguous([len(r) for r in rows], slots)[slot]
+        segments = tuple(Segment(shards[i], self.urls[shards[i].index], rows[i][a:b]) for i, a, b in pieces)
+        n = sum(len(s.rows) for s in segments)
+        buffer = self.shuffle_buffer if self.shuffle else 1
+        rng = np.random.default_rng([self.seed, epoch, slot, 0xB0FF])
+        return SlotPlan(segments=segments, order=shuffle_order(n, buffer, rng), pads=-(-total // slots) - n)
+
+    # ----------------------------------------------------------------- streaming
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.loader_workers is not None and (info.num_workers if info else 0) != self.loader_workers:
+            raise InputError(f"the DataLoader has {info.num_workers if info else 0} workers but the dataset was planned for {self.loader_workers}")
+        epoch, batches_done = self.epoch, int(self._state[1])
+        # A DataLoader takes batches round-robin from its workers starting at worker 0, and
+        # every logical worker yields the same number per epoch: after ``batches_done``
+        # batches the next one belongs to logical worker ``batches_done % workers``, so
+        # the physical workers take the logical streams rotated by that much.
+        logical = (worker + batches_done) % workers
+        plan = self.plan(epoch, self.rank * workers + logical, self.world_size * workers)
+        mine = max(0, -(-(batches_done - logical) // workers))
+        skip = min(mine * self.loader_batch_size, plan.num_items)
+        yield from self._stream(plan, epoch, skip)
+
+    def _stream(self, plan: SlotPlan, epoch: int, skip: int) -> Iterator[dict]:
+        wanted = plan.order[skip:]
+        needed = np.zeros(len(plan.order), dtype=bool)
+        needed[wanted] = True
+        reader = self._read(plan, needed, epoch)
+        pending: dict[int, dict] = {}
+        template = None
+        for pos in wanted:
+            while pos not in pending:
+                p, item = next(reader)
+                pending[p] = item
+            item = pending.pop(pos)
+            template = template or item
+            yield item
+        pads = plan.pads - max(0, skip - len(plan.order))
+        if pads > 0:
+            template = template or self._template(plan, epoch)
+            for _ in range(pads):
+                yield _blank(template)
+
+    def _template(self, plan: SlotPlan, epoch: int) -> dict:
+        """A real item of the slot, only to give a pad its shapes (when every real item was skipped)."""
+        needed = np.zeros(len(plan.order), dtype=bool)
+        needed[plan.order[0]] = True
+        return next(self._read(plan, needed, epoch))[1]
+
+    def _read(self, plan: SlotPlan, needed: np.ndarray, epoch: int) -> Iterator[tuple[int, dict]]:
+        """Yield ``(position, item)`` for the needed positions, in read order, shard by shard."""
+        offset = 0
+        for seg in plan.segments:
+            want = needed[offset : offset + len(seg.rows)]
+            if want.any():
+                for i, item in self._read_segment(seg, seg.rows[want], epoch):
+                    yield offset + int(np.searchsorted(seg.rows, i)), item
+            offset += len(seg.rows)
+
+    def _read_segment(self, seg: Segment, rows: np.ndarray, epoch: int) -> Iterator[tuple[int, dict]]:
+        shard = seg.shard
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        absolute = np.arange(shard.row_start + lo, shard.row_start + hi)
+        # One contiguous read per field and teacher for the whole piece of the shard.
+        blocks = {name: {f: t.read(f, absolute) for f in self.fields[name]} for name, t in self.teachers.items()}
+        valid = {name: t.valid(absolute) for name, t in self.teachers.items()}
+        params = None
+        if self.replay:
+            params = next(iter(self.teachers.values())).read(VIEWS_ARRAY, absolute)
+        keys = self.store.keys
+        for i, image in self._images(seg, rows):
+            row = shard.row_start + i
+            j = i - lo
+            view = -1
+            if self.replay:
+                view = int(mix64(self.seed, epoch, row) % np.uint64(self.views))
+                image = apply_view(image, params[j, view])
+            elif self.augment is not None:
+                p = view_params(self.augment, seed=self.seed, key=keys[row], view=epoch, height=image.shape[1], width=image.shape[2])
+                image = apply_view(image, p)
+            targets = {}
+            ok = True
+            for name in self.teachers:
+                # numpy rows and python scalars: the DataLoader's collate batches them in one go
+                # (a torch.tensor per sample and field costs more than the rest of the pipeline).
+                per = {f: (b[j] if view < 0 else b[j, view]) for f, b in blocks[name].items()}
+                per["valid"] = bool(valid[name][j])
+                ok &= per["valid"]
+                targets[name] = per
+            yield i, {
+                "input": image,
+                "label": int(self.store.labels[row]) if self.labeled[row] else -1,
+                "targets": targets,
+                "row": int(row),
+                "key": keys[row],
+                "valid": ok,
+                "pad": False,
+                "view": view,
+            }
+
+    def _images(self, seg: Segment, rows: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(local_row, image [C, H, W])`` for ``rows`` of the segment's shard, from the cache or the tar."""
+        shard, cache = seg.shard, self.cache
+        if cache is not None and cache.has_all(seg.url, rows):
+            for i in rows.tolist():
+                yield i, cache.get(seg.url, i)
+            return
+        keys = self.store.keys
+        wanted = set(rows.tolist())
+        last = int(rows[-1])
+        i = -1
+        for i, sample in enumerate(iter_samples(seg.url)):
+            if i >= shard.num_rows or sample.get("__key__") != keys[shard.row_start + i]:
+                got = sample.get("__key__") if i < shard.num_rows else "an extra sample"
+                expected = keys[shard.row_start + i] if i < shard.num_rows else "the end of the shard"
+                raise StoreMismatchError(_mismatch(self.store, shard, seg.url, f"sample {i} is {got!r}, expected {expected!r}"))
+            if i in wanted:
+                image = decode_field(sample, self.input_key)
+                if not isinstance(image, torch.Tensor):
+                    raise InputError(f"data.input_key {self.input_key!r} is not an image; the trainer streams images")
+                if cache is not None:
+                    cache.put(seg.url, shard.num_rows, i, image)
+                yield i, image
+            if i >= last:
+                return
+        raise StoreMismatchError(_mismatch(self.store, shard, seg.url, f"it ends after {i + 1} samples, the store has {shard.num_rows}"))
+
+
+def _blank(template: dict) -> dict:
+    """A pad item shaped like ``template``: zeros, label -1, invalid, excluded from every loss."""
+    targets = {
+        name: {f: (False if f == "valid" else np.zeros_like(v)) for f, v in per.items()}
+        for name, per in template["targets"].items()
+    }
+    return {"input": torch.zeros_like(template["input"]), "label": -1, "targets": targets, "row": -1, "key": "",
+            "valid": False, "pad": True, "view": -1}
+
+
+def select_shards(store: Store, selectors: Sequence[str | int] | None) -> list[ShardInfo]:
+    """Shards by index, URL substring, or ``"A..B"`` index range (inclusive); all when None."""
+    if selectors is None:
+        return list(store.shards)
+    plain: list[str | int] = []
+    chosen: dict[int, ShardInfo] = {}
+    for sel in selectors:
+        text = str(sel)
+        a, sep, b = text.partition("..")
+        if sep and a.isdigit() and b.isdigit():
+            for i in range(int(a), int(b) + 1):
+                if i >= len(store.shards):
+                    raise InputError(f"shard range {text}: the store has {len(store.shards)} shards")
+                chosen[i] = store.shards[i]
+        else:
+            plain.append(sel)
+    if plain:
+        chosen.update((s.index, s) for s in store.select_shards(plain))
+    if not chosen:
+        raise InputError("no shard selected")
+    return [chosen[i] for i in sorted(chosen)]
