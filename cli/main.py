@@ -144,7 +144,7 @@ def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input
     click.echo(
         f"teacher {result.teacher}: {result.shards_run} shards run, {result.shards_already_done} already done, "
         f"{result.rows} rows, {result.samples_skipped} samples skipped, {result.seconds:.1f}s"
-        + (f" ({result.rows_run / result.seconds:.0f} samples/s)" if result.rows_run else "")
+        + (f" ({result.samples_per_s:.0f} samples/s)" if result.rows_run else "")
     )
     for skipped in result.skipped_shards:
         click.echo(f"skipped shard {skipped['url']}: {skipped['reason']}", err=True)

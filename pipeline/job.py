@@ -76,9 +76,12 @@ class PrecomputeConfig:
 
 @dataclass(kw_only=True)
 class PrecomputeResult:
+    """What one run did: ``rows_run`` rows in ``shards_run`` shards, in ``seconds`` end to end."""
+
     store: Path
     teacher: str
     rows: int
+    rows_run: int
     shards_total: int
     shards_run: int
     shards_already_done: int
@@ -90,7 +93,18 @@ class PrecomputeResult:
     def samples_per_s(self) -> float:
         return self.rows_run / self.seconds if self.seconds else 0.0
 
-    rows_run: int = 0
+
+class _Progress:
+    """Rows processed so far, told by the workers after each batch (a tiny Ray actor)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def total(self) -> int:
+        return self.rows
 
 
 def _ensure_ray(address: str | None) -> bool:
@@ -234,6 +248,7 @@ def _run_locked(cfg, urls, start, on_shard, fence_token: str) -> PrecomputeResul
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
+    progress = ray.remote(num_cpus=0)(_Progress).remote()
     pending: dict = {}
     queue = list(todo)
     idle = list(actors) * 2  # two shards in flight per actor keeps it busy between tasks
@@ -244,10 +259,13 @@ def _run_locked(cfg, urls, start, on_shard, fence_token: str) -> PrecomputeResul
                 actor, shard = idle.pop(), queue.pop(0)
                 ref = actor.run_shard.remote(
                     str(cfg.store), spec, shard, list(keys[shard.row_start : shard.row_stop]),
-                    batch_size=cfg.batch_size, on_error=cfg.on_error, fence_token=fence_token,
+                    batch_size=cfg.batch_size, on_error=cfg.on_error, fence_token=fence_token, progress=progress,
                 )
                 pending[ref] = (actor, shard)
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            bar.update(max(0, ray.get(progress.total.remote()) - bar.n))
+            if not ready:
+                continue
             actor, shard = pending.pop(ready[0])
             try:
                 record = ray.get(ready[0])
@@ -256,7 +274,6 @@ def _run_locked(cfg, urls, start, on_shard, fence_token: str) -> PrecomputeResul
             idle.append(actor)
             rows_run += record.num_rows
             skipped += len(record.skipped)
-            bar.update(record.num_rows)
             bar.set_postfix(shards=f"{len(done) + (len(todo) - len(queue) - len(pending))}/{len(store.shards)}", skipped=skipped)
             if on_shard:
                 on_shard({"shard": shard.index, "rows": record.num_rows, "skipped": len(record.skipped)})
@@ -264,7 +281,7 @@ def _run_locked(cfg, urls, start, on_shard, fence_token: str) -> PrecomputeResul
         bar.close()
         for ref in pending:
             ray.cancel(ref)
-        for actor in actors:
+        for actor in (*actors, progress):
             ray.kill(actor)
     return PrecomputeResult(
         store=cfg.store,

@@ -86,8 +86,12 @@ class ShardProcessor:
         batch_size: int,
         on_error: str,
         fence_token: str | None = None,
+        progress: Any = None,
     ) -> DoneRecord:
-        """Process every planned row of ``shard`` and write it; returns the done record."""
+        """Process every planned row of ``shard`` and write it; returns the done record.
+
+        ``progress`` is an optional Ray actor handle with ``add(rows)``, told after each batch.
+        """
         if self._load_error:
             raise self._load_error
         start = time.perf_counter()
@@ -135,6 +139,8 @@ class ShardProcessor:
                     )
                 fields[name][rows[~bad]] = value[~bad]
             valid[rows[~bad]] = True
+            if progress is not None:
+                progress.add.remote(len(batch))
             for i in np.nonzero(bad)[0]:
                 fail_or_skip(int(rows[i]), batch.keys[i], "teacher output has NaN or inf", TeacherOutputError)
 
