@@ -34,7 +34,7 @@ def _index_options(fn):
         click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw", "ivfpq"]), default="hnsw", show_default=True),
         click.option("--metric", type=click.Choice(["cosine", "ip", "l2"]), default="cosine", show_default=True),
         click.option("--nlist", type=int, default=None, help="IVF lists [default: power of two nearest 4*sqrt(rows)]."),
-        click.option("--nprobe", type=int, default=None, help="IVF lists searched [default: nlist/8]."),
+        click.option("--nprobe", type=int, default=None, help="IVF lists searched [default: nlist/16, at least 8]."),
         click.option("--hnsw-m", type=int, default=32, show_default=True, help="HNSW links per node."),
         click.option("--ef-construction", type=int, default=40, show_default=True),
         click.option("--ef-search", type=int, default=64, show_default=True),

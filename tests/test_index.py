@@ -116,9 +116,9 @@ def test_search_params_change_results_and_persist(tmp_path, clustered):
 
 def test_default_parameters_follow_row_count():
     spec = IndexSpec(kind="ivf").resolved(27_921, 384)
-    assert (spec.nlist, spec.nprobe, spec.train_rows) == (512, 64, 27_921)
+    assert (spec.nlist, spec.nprobe, spec.train_rows) == (512, 32, 27_921)
     small = IndexSpec(kind="ivf").resolved(1000, 384)
-    assert small.nlist * 39 <= 1000 and small.nprobe >= 1
+    assert small.nlist * 39 <= 1000 and small.nprobe == min(8, small.nlist)
     pq = IndexSpec(kind="ivfpq").resolved(100_000, 384)
     assert pq.pq_m == 48 and 384 % pq.pq_m == 0 and pq.train_rows >= 64 * 256
     assert IndexSpec(kind="hnsw").resolved(10, 4) == IndexSpec(kind="hnsw")
