@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kdstore.store.errors import InputError
@@ -87,3 +89,9 @@ def test_toml_and_yaml_files(tmp_path):
 
 def test_apply_overrides_creates_missing_sections():
     assert apply_overrides({}, ["online.enabled=true"]) == {"online": {"enabled": True}}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.loss and cfg.data.store
