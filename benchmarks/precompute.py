@@ -95,14 +95,15 @@ def main() -> None:
         n = sum(np.load(p).shape[0] for p in (work / "plain").glob("*.npy"))
         rows.append({"run": "plain loop (1 process, logits .npy)", "seconds": plain_s, "samples_per_s": n / plain_s, "ratio": 1.0})
         summary = None
-        for workers in args.workers:
-            for outputs, label in ((["logits"], "logits"), (["logits", "topk:5", "embedding:embed", "scores"], "logits+topk+embedding+scores")):
-                store = work / f"store-{workers}-{len(outputs)}"
-                seconds, summ = kdstore_run(urls, args.weights, args.batch_size, store, workers, outputs)
-                summary = summ if len(outputs) > 1 else summary
-                rows.append({"run": f"kdstore precompute, {workers} worker(s), {label}", "seconds": seconds,
-                             "samples_per_s": n / seconds, "ratio": plain_s / seconds})
-                shutil.rmtree(store)
+        runs = [(w, ["logits"], "logits") for w in args.workers]
+        runs.append((max(args.workers), ["logits", "topk:5", "embedding:embed", "scores"], "logits+topk5+embed+scores"))
+        for workers, outputs, label in runs:
+            store = work / f"store-{workers}-{len(outputs)}"
+            seconds, summ = kdstore_run(urls, args.weights, args.batch_size, store, workers, outputs)
+            summary = summ if len(outputs) > 1 else summary
+            rows.append({"run": f"kdstore precompute, {workers} worker(s), {label}", "seconds": seconds,
+                         "samples_per_s": n / seconds, "ratio": plain_s / seconds})
+            shutil.rmtree(store)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     fields = summary["teachers"][0]["fields"] if summary else []
