@@ -46,7 +46,8 @@ def fashion_cnn(weights: str | None = None, width: int = 32, seed: int = 0) -> F
 
 
 def train_fashion_cnn(
-    out: Path, *, seconds: float = 60.0, max_epochs: int = 5, seed: int = 0, batch_size: int = 128, progress: bool = True
+    out: Path, *, seconds: float = 60.0, max_epochs: int = 5, seed: int = 0, batch_size: int = 128,
+    width: int = 32, progress: bool = True,
 ) -> dict:
     """Train :class:`FashionCNN` on the train split for about ``seconds`` and save it to ``out``.
 
@@ -57,9 +58,9 @@ def train_fashion_cnn(
     torch.manual_seed(seed)
     images, labels = load_fashion_mnist("train")
     test_images, test_labels = load_fashion_mnist("test")
-    x = torch.from_numpy(images.copy()).float().div_(255).unsqueeze(1)
+    x = torch.from_numpy(images).float().div_(255).unsqueeze(1)
     y = torch.from_numpy(labels)
-    model = FashionCNN()
+    model = FashionCNN(width=width)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
