@@ -41,7 +41,9 @@ from kdstore.train.recipe import Recipe
 LABELS = "per_class:100"
 BATCH = 256
 TUNE_T = (1.0, 2.0, 4.0)
-TUNE_ALPHA = (0.5, 0.9)
+TUNE_ALPHA = (0.5, 0.9)  # KD weight; CE gets 1 - alpha
+DHO_ALPHA = (0.5, 0.1)
+FULL_ALPHA = (0.5, 0.1)  # with every label, KD may help only as a light regulariser  # DHO's CE weight (the paper's 0.5, and the KD-heavy mix KD preferred)
 DHO_BETAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)
 
 
@@ -128,8 +130,8 @@ def kd_losses(T: float, alpha: float, teacher: str = "cnn") -> list[dict]:
     return [{"kind": "ce", "weight": 1.0 - alpha}, {"kind": "kd", "teacher": teacher, "temperature": T, "weight": alpha}]
 
 
-def dho_losses(T: float) -> list[dict]:
-    return [{"kind": "dho", "teacher": "cnn", "temperature": T, "alpha": 0.5}]
+def dho_losses(T: float, alpha: float) -> list[dict]:
+    return [{"kind": "dho", "teacher": "cnn", "temperature": T, "alpha": alpha}]
 
 
 # --------------------------------------------------------------------------- stages
@@ -147,22 +149,26 @@ def stage_tune(b: Bench) -> None:
             kd[(T, alpha)] = b.run(f"tune/kd/T{T:g}_a{alpha:g}", b.doc(split="val", seed=0, losses=kd_losses(T, alpha), epochs=e))
     dho = {}
     for T in TUNE_T:
-        dho[T] = b.run(f"tune/dho/T{T:g}", b.doc(split="val", seed=0, losses=dho_losses(T), epochs=e), keep_predictions=True)
+        for alpha in DHO_ALPHA:
+            dho[(T, alpha)] = b.run(f"tune/dho/T{T:g}_a{alpha:g}", b.doc(split="val", seed=0, losses=dho_losses(T, alpha), epochs=e),
+                                    keep_predictions=True)
     best_lo = max(lo, key=lambda k: lo[k]["eval"]["accuracy"])
     best_kd = max(kd, key=lambda k: kd[k]["eval"]["accuracy"])
     best_dho = max(dho, key=lambda k: dho[k]["dho_search"]["accuracy"])
     b.results["tuned"]["few"] = {
         "labels_only_protocol": best_lo,
         "kd": {"temperature": best_kd[0], "alpha": best_kd[1]},
-        "dho": {"temperature": best_dho, **{k: dho[best_dho]["dho_search"][k] for k in ("alpha", "beta")}},
+        "dho": {"temperature": best_dho[0], "loss_alpha": best_dho[1],
+                **{k: dho[best_dho]["dho_search"][k] for k in ("alpha", "beta")}},
     }
     full_lo = b.run("tune/full/labels_only", b.doc(split="val", seed=0, losses=[{"kind": "ce"}], labels="all", epochs=b.args.full_epochs))
     full = {}
     for T in TUNE_T:
-        full[T] = b.run(f"tune/full/kd/T{T:g}_a0.5", b.doc(split="val", seed=0, losses=kd_losses(T, 0.5), labels="all",
-                                                           epochs=b.args.full_epochs))
+        for alpha in FULL_ALPHA:
+            full[(T, alpha)] = b.run(f"tune/full/kd/T{T:g}_a{alpha:g}", b.doc(split="val", seed=0, losses=kd_losses(T, alpha),
+                                                                               labels="all", epochs=b.args.full_epochs))
     best_full = max(full, key=lambda k: full[k]["eval"]["accuracy"])
-    b.results["tuned"]["full"] = {"kd": {"temperature": best_full, "alpha": 0.5},
+    b.results["tuned"]["full"] = {"kd": {"temperature": best_full[0], "alpha": best_full[1]},
                                   "labels_only_val": full_lo["eval"]["accuracy"]}
     b.save()
 
@@ -181,7 +187,7 @@ def stage_few(b: Bench) -> None:
         b.run(f"few/labels_only/s{seed}", b.doc(split="test", seed=seed, losses=[{"kind": "ce"}], epochs=e,
                                                 only_labeled=only, steps=b.steps("test", e) if only else 0))
         b.run(f"few/kd/s{seed}", b.doc(split="test", seed=seed, losses=kd_losses(t["kd"]["temperature"], t["kd"]["alpha"]), epochs=e))
-        doc = b.doc(split="test", seed=seed, losses=dho_losses(t["dho"]["temperature"]), epochs=e)
+        doc = b.doc(split="test", seed=seed, losses=dho_losses(t["dho"]["temperature"], t["dho"]["loss_alpha"]), epochs=e)
         doc["model"].update(dho_alpha=t["dho"]["alpha"], dho_beta=t["dho"]["beta"])
         b.run(f"few/dho/s{seed}", doc)
 
