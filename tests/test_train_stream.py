@@ -58,10 +58,8 @@ def _precompute(store: Path, inputs: str, name: str, weights: Path, **kw) -> Non
 
 
 @pytest.fixture(scope="module")
-def kd(tmp_path_factory):
+def kd(tmp_path_factory, ray_session):
     """Shards (4 train × 100 + 1 test × 100) and a store with teachers cnn, cnn2 and cnnv (2 views)."""
-    import ray
-
     root = tmp_path_factory.mktemp("kd")
     data = root / "data"
     data.mkdir()
@@ -77,15 +75,11 @@ def kd(tmp_path_factory):
         weights.append(root / f"cnn{seed}.pt")
         torch.save(FashionCNN().state_dict(), weights[-1])
     inputs = str(data / "{train-{000000..000003},test-000000}.tar")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        outputs = ("logits", "topk:3", "embedding:embed", "features:features:mean", "scores")
-        _precompute(root / "store", inputs, "cnn", weights[0], outputs=outputs)
-        _precompute(root / "store", inputs, "cnn2", weights[1], outputs=("logits",))
-        _precompute(root / "store", inputs, "cnnv", weights[0], outputs=("logits",), views=2,
-                    augment="rrc:scale=0.5-1;hflip:p=0.5", seed=3)
-    finally:
-        ray.shutdown()
+    outputs = ("logits", "topk:3", "embedding:embed", "features:features:mean", "scores")
+    _precompute(root / "store", inputs, "cnn", weights[0], outputs=outputs)
+    _precompute(root / "store", inputs, "cnn2", weights[1], outputs=("logits",))
+    _precompute(root / "store", inputs, "cnnv", weights[0], outputs=("logits",), views=2,
+                augment="rrc:scale=0.5-1;hflip:p=0.5", seed=3)
     return {"root": root, "data": data, "store": root / "store", "weights": weights}
 
 
