@@ -115,7 +115,7 @@ def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...
 @click.option("--augment", default="", help="View transforms, e.g. 'rrc:scale=0.5-1,ratio=0.75-1.333;hflip:p=0.5'.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the view parameters.")
 @click.option("--batch-size", default=256, show_default=True)
-@click.option("--workers", default=1, show_default=True, help="Ray actors, each loading the teacher once.")
+@click.option("--workers", default=0, show_default=True, help="Ray actors, each loading the teacher once (0 = auto: one per GPU with --device cuda, else min(4, CPUs)).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--amp", is_flag=True, help="Autocast the teacher forward (useful on cuda).")
 @click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")

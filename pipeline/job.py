@@ -45,7 +45,7 @@ class PrecomputeConfig:
     augment: str = ""
     seed: int = 0
     batch_size: int = 256
-    workers: int = 1
+    workers: int = 0  # 0 = auto: one per GPU on cuda, else up to 4 (PNG decoding is serial per worker)
     ray_address: str | None = None
     on_error: str = "fail"
     overwrite: bool = False
@@ -65,7 +65,7 @@ class PrecomputeConfig:
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (self.views >= 0, f"--views must be >= 0, got {self.views}"),
             (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
-            (self.workers > 0, f"--workers must be > 0, got {self.workers}"),
+            (self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}"),
             (self.on_error in ("fail", "skip"), f"--on-error must be fail or skip, got {self.on_error!r}"),
             (not (self.views and not self.augment), "--views needs --augment (e.g. 'rrc:scale=0.5-1;hflip:p=0.5')"),
         ]
@@ -118,6 +118,12 @@ def _ensure_ray(address: str | None) -> bool:
     else:
         ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
     return True
+
+
+def _auto_workers(cpus: float, gpu: bool) -> int:
+    if gpu:
+        return max(1, int(ray.cluster_resources().get("GPU", 1)))
+    return int(max(1, min(4, cpus)))
 
 
 def _unwrap(exc: Exception) -> Exception:
@@ -224,10 +230,11 @@ def run_precompute(cfg: PrecomputeConfig, on_shard: Callable[[dict], None] | Non
 
 def _run_locked(cfg, urls, start, on_shard, fence_token: str) -> PrecomputeResult:
     cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
-    threads = max(1, int(cpus // cfg.workers)) if not cfg.ray_address else None
     gpu = cfg.teacher.device.startswith("cuda")
-    Actor = ray.remote(num_cpus=min(1.0, cpus / (cfg.workers + 1)), num_gpus=1 if gpu else 0)(ShardProcessor)
-    actors = [Actor.remote(cfg.teacher, num_threads=threads, amp=cfg.amp) for _ in range(cfg.workers)]
+    workers = cfg.workers or _auto_workers(cpus, gpu)
+    threads = max(1, int(cpus // workers)) if not cfg.ray_address else None
+    Actor = ray.remote(num_cpus=min(1.0, cpus / (workers + 1)), num_gpus=1 if gpu else 0)(ShardProcessor)
+    actors = [Actor.remote(cfg.teacher, num_threads=threads, amp=cfg.amp) for _ in range(workers)]
     try:
         described_ref = actors[0].describe.remote()
         store = plan_store(cfg, urls)
