@@ -25,7 +25,7 @@ CNN = "kdstore.pipeline.zoo:fashion_cnn"
 
 def cfg(store: Path, shards, **kw) -> PrecomputeConfig:
     teacher = kw.pop("teacher", TeacherLoad(factory=CNN, name="cnn", layers=("embed", "features")))
-    defaults = dict(outputs=("logits",), batch_size=16, progress=False)
+    defaults = dict(outputs=("logits",), batch_size=16, progress=False, workers=1)
     defaults.update(kw)
     return PrecomputeConfig(store=store, inputs=tuple(str(s) for s in shards), teacher=teacher, **defaults)
 
