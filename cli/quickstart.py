@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from kdstore.cli.main import info_cmd, user_errors
+from kdstore.cli.common import user_errors
+from kdstore.cli.main import info_cmd
 
 
 @click.command("quickstart")

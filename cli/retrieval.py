@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from kdstore.store.errors import KdStoreError
+from kdstore.cli.common import user_errors
 
 STORE_ARG = click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 TEACHER_OPT = click.option("--teacher", "teacher", required=True, help="Teacher name in the store.")
 FIELD_OPT = click.option("--field", default="embedding", show_default=True, help="Stored field to index ([D] per row).")
-
-
-def _user_errors(fn):
-    # Same contract as kdstore.cli.main.user_errors; kept here so this module imports alone.
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KdStoreError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def _index_options(fn):
@@ -64,7 +49,7 @@ def _index_spec(kw: dict):
 @FIELD_OPT
 @_index_options
 @click.option("--stream", is_flag=True, help="Read the field shard block by shard block instead of whole.")
-@_user_errors
+@user_errors
 def index_cmd(store: Path, teacher: str, field: str, stream: bool, **kw) -> None:
     """Build a FAISS index over a teacher's stored vectors: STORE/index/TEACHER.FIELD.faiss (+ .json).
 
@@ -104,7 +89,7 @@ def index_cmd(store: Path, teacher: str, field: str, stream: bool, **kw) -> None
 @click.option("--batch-rows", type=int, default=4096, show_default=True, help="Queries per index search.")
 @click.option("--rebuild-index", is_flag=True, help="Build (and save) the index again with the options below first.")
 @_index_options
-@_user_errors
+@user_errors
 def mine_cmd(store: Path, teacher: str, field: str, name: str | None, rebuild_index: bool, pairs: Path | None, **kw) -> None:
     """Mine hard negatives for every indexed row: STORE/negatives/NAME.parquet.
 
@@ -141,7 +126,7 @@ def mine_cmd(store: Path, teacher: str, field: str, name: str | None, rebuild_in
               help="An image file, embedded with the store's teacher.")
 @click.option("-k", "k", type=int, default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-@_user_errors
+@user_errors
 def query_cmd(store: Path, teacher: str, field: str, k: int, as_json: bool, **kw) -> None:
     """Print the K stored rows nearest to one query (by key, row, vector, text or image)."""
     from kdstore.store.retrieval import query

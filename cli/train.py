@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kdstore.cli.main import user_errors
+from kdstore.cli.common import user_errors
 
 
 @click.command("train")

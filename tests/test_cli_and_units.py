@@ -116,3 +116,16 @@ def test_lock_and_fence(tmp_path):
     with StoreLock(tmp_path):
         with pytest.raises(StoreLockedError, match="held by another job"):
             check_fence(tmp_path, lock.token)
+
+
+def test_shards_command_writes_a_real_text_corpus(tmp_path):
+    result = CliRunner().invoke(main, ["shards", "bbc", str(tmp_path), "--shard-size", "1000"])
+    assert result.exit_code == 0, result.output
+    keys = [k for p in sorted(tmp_path.glob("*.tar")) for k in list_shard(str(p)).keys]
+    assert len(keys) == 2225 and len(set(keys)) == 2225  # every BBC article once, train + test
+    from kdstore.pipeline.shards import iter_samples
+
+    sample = next(iter_samples(str(tmp_path / "train-000000.tar")))
+    assert len(sample["txt"].decode()) > 100 and 0 <= int(sample["cls"]) < 5
+    bad = CliRunner().invoke(main, ["shards", "nope", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown dataset 'nope'" in bad.output
