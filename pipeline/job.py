@@ -7,6 +7,7 @@ job off the same store.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -195,6 +196,7 @@ def _teacher_spec(cfg: PrecomputeConfig, described: dict) -> TeacherSpec:
         augment=AugmentSpec.parse(cfg.augment).to_text(),
         seed=cfg.seed,
         layers=cfg.teacher.layers,
+        factory_args=json.loads(json.dumps(dict(cfg.teacher.kwargs), default=str)),  # as recorded in JSON
     )
 
 

@@ -259,7 +259,8 @@ def embed_inputs(store: Store, teacher: str, field: str, samples: Sequence[dict[
     spec = store.teacher(teacher).spec
     if not spec.factory:
         raise InputError(f"teacher {teacher} records no factory: embed the query yourself and pass a vector")
-    model = load_teacher(spec.factory, name=spec.name, input_key=spec.input_key or None, layers=spec.layers, device=device)
+    model = load_teacher(spec.factory, name=spec.name, input_key=spec.input_key or None, layers=spec.layers,
+                         device=device, kwargs=spec.factory_args)
     if model.fingerprint != spec.fingerprint:
         raise StoreMismatchError(
             f"{spec.factory} now has fingerprint {model.fingerprint[:16]}, the store was written with "

@@ -138,6 +138,7 @@ class TeacherSpec:
     augment: str = ""
     seed: int = 0
     layers: tuple[str, ...] = ()
+    factory_args: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         doc = asdict(self)
@@ -160,11 +161,15 @@ class TeacherSpec:
             augment=doc.get("augment", ""),
             seed=int(doc.get("seed", 0)),
             layers=tuple(doc.get("layers", ())),
+            factory_args=dict(doc.get("factory_args", {})),
         )
 
     def differences(self, other: "TeacherSpec") -> list[str]:
-        """Names of the settings that make ``other`` a different precompute (not the factory path)."""
-        keys = ("fingerprint", "input_key", "outputs", "temperature", "dtype", "views", "augment", "seed")
+        """Names of the settings that make ``other`` a different precompute (not the factory path).
+
+        Factory arguments count (``max_seq_length`` changes outputs, not weights).
+        """
+        keys = ("fingerprint", "input_key", "outputs", "temperature", "dtype", "views", "augment", "seed", "factory_args")
         return [k for k in keys if getattr(self, k) != getattr(other, k)]
 
 
