@@ -126,7 +126,8 @@ def load_teacher(
     """Build the teacher named by ``spec`` (``module:factory``) on ``device``."""
     factory = load_factory(spec)
     kwargs = dict(kwargs or {})
-    if "device" in inspect.signature(factory).parameters:
+    params = inspect.signature(factory).parameters
+    if "device" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs.setdefault("device", device)
     obj = factory(**kwargs)
     default_name = spec.partition(":")[2]
