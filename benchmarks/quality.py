@@ -255,7 +255,7 @@ def report(b: Bench) -> None:
     for r in rows:
         t.add_row(r["setting"], str(r["seeds"]), f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}",
                   f"{r['agreement_mean']:.4f}", str(r["steps"]), f"{r['train_seconds_mean']:.0f}")
-    console = Console()
+    console = Console(width=120)
     console.print(t)
     tune = Table(title="Tuning on the validation split (train shards 0..26 → 27..29), seed 0")
     tune.add_column("run")

@@ -8,7 +8,8 @@ One epoch is planned before anything is read, from the seed alone:
    (sizes differ by at most one sample; the short slots get one blank *pad* item, masked
    out of every loss), so each sample is seen exactly once per epoch and every rank runs
    the same number of steps;
-3. each slot's yield order is a bounded shuffle buffer simulated on positions.
+3. each slot's yield order is a bounded shuffle buffer simulated on positions;
+4. with stored views, each row takes view ``(h(seed, row) + epoch) % V``.
 
 Then each slot reads its shards in order: per shard, one contiguous store range per field
 (never row-by-row) and the tar's samples, checking that every key matches the store row.
@@ -146,7 +147,8 @@ def labeled_mask(store: Store, shards: Sequence[ShardInfo], spec: str, seed: int
         for c in np.unique(labels[domain]):
             rows = np.nonzero(domain & (labels == c))[0]
             if len(rows) < arg:
-                raise InputError(f"data.labels {spec}: class {c} has only {len(rows)} labelled rows in the training shards")
+                raise InputError(f"data.labels {spec}: class {c} has only {len(rows)} labelled rows "
+                                 "in the training shards")
             mask[rng.choice(rows, size=arg, replace=False)] = True
     elif kind == "count":
         rows = np.nonzero(domain)[0]
@@ -205,7 +207,8 @@ def verify_inputs(store: Store, urls: dict[int, str], shards: Sequence[ShardInfo
         if mode == "quick":
             got = _first_key(url)
             if got != expected[0]:
-                raise StoreMismatchError(_mismatch(store, s, url, f"its first key is {got!r}, the store's is {expected[0]!r}"))
+                detail = f"its first key is {got!r}, the store's is {expected[0]!r}"
+                raise StoreMismatchError(_mismatch(store, s, url, detail))
             continue
         keys = list_shard(url).keys
         if keys != expected:
@@ -220,7 +223,8 @@ def verify_inputs(store: Store, urls: dict[int, str], shards: Sequence[ShardInfo
         got = input_fingerprint([s.url for s in store.shards], [listed[s.index] for s in store.shards])
         if got != store.manifest.input_fingerprint:
             raise StoreMismatchError(
-                f"input fingerprint {got[:19]}… differs from store {store.path}'s {store.manifest.input_fingerprint[:19]}…; "
+                f"input fingerprint {got[:19]}… differs from store {store.path}'s "
+                f"{store.manifest.input_fingerprint[:19]}…; "
                 "the store's samples.parquet does not match store.json — run `kdstore verify`"
             )
 
@@ -282,9 +286,9 @@ class StreamingDataset(IterableDataset):
         inputs: input URL patterns replacing the store's shard URLs (matched by file name).
         labels / labels_seed / only_labeled: the labelled subset; ``only_labeled`` streams only it.
         shuffle: seeded shard order and shuffle buffer (False: store order, for evaluation).
-        replay_views: when the teachers have views, apply one stored view per sample (seeded by
-            epoch and row) and give its targets; False: un-augmented inputs, targets keep their
-            ``[V]`` axis (evaluation).
+        replay_views: when the teachers have views, apply one stored view per sample and give
+            its targets; a row cycles through its views from a seeded start, one per epoch.
+            False: un-augmented inputs, targets keep their ``[V]`` axis (evaluation).
         augment: fresh seeded augmentation per epoch (online KD); exclusive with stored views.
         rank / world_size: default from ``torch.distributed`` when initialised.
         loader_workers / loader_batch_size: the DataLoader's ``num_workers`` and ``batch_size``;
@@ -339,7 +343,8 @@ class StreamingDataset(IterableDataset):
         self.urls = resolve_inputs(self.store, inputs)
         missing = [s.url for s in self.shards if s.index not in self.urls]
         if missing:
-            raise InputError(f"data.inputs has no shard named like {os.path.basename(missing[0])} (store shard {missing[0]})")
+            raise InputError(f"data.inputs has no shard named like {os.path.basename(missing[0])} "
+                             f"(store shard {missing[0]})")
         self._check_teachers()
         verify_inputs(self.store, self.urls, self.shards, verify)
         # Shared with forked DataLoader workers, so persistent workers see set_epoch/resume.
@@ -368,7 +373,8 @@ class StreamingDataset(IterableDataset):
             absent = set(t.missing_shards())
             missing = [s.index for s in self.shards if s.index in absent]
             if missing:
-                raise InputError(f"teacher {name} has no outputs for shard(s) {missing[:5]} yet; finish `kdstore precompute`")
+                raise InputError(f"teacher {name} has no outputs for shard(s) {missing[:5]} yet; "
+                                 "finish `kdstore precompute`")
             for f in self.fields[name]:
                 if f not in t.fields:
                     raise InputError(f"teacher {name} has no field {f!r}; it has {sorted(t.fields)}")
@@ -430,8 +436,9 @@ class StreamingDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if self.loader_workers is not None and (info.num_workers if info else 0) != self.loader_workers:
-            raise InputError(f"the DataLoader has {info.num_workers if info else 0} workers but the dataset was planned for {self.loader_workers}")
+        actual = info.num_workers if info else 0
+        if self.loader_workers is not None and actual != self.loader_workers:
+            raise InputError(f"the DataLoader has {actual} workers but the dataset was planned for {self.loader_workers}")
         epoch, batches_done = self.epoch, int(self._state[1])
         # A DataLoader takes batches round-robin from its workers starting at worker 0, and
         # every logical worker yields the same number per epoch: after ``batches_done``
@@ -495,10 +502,14 @@ class StreamingDataset(IterableDataset):
             j = i - lo
             view = -1
             if self.replay:
-                view = int(mix64(self.seed, epoch, row) % np.uint64(self.views))
+                # Each row walks through its stored views from a seeded start, one per epoch:
+                # every view is used once per ``views`` epochs (a random pick repeats some).
+                view = (int(mix64(self.seed, row) % np.uint64(self.views)) + epoch) % self.views
                 image = apply_view(image, params[j, view])
             elif self.augment is not None:
-                p = view_params(self.augment, seed=self.seed, key=keys[row], view=epoch, height=image.shape[1], width=image.shape[2])
+                # A fresh view per epoch: the view index is the epoch.
+                p = view_params(self.augment, seed=self.seed, key=keys[row], view=epoch,
+                                height=image.shape[1], width=image.shape[2])
                 image = apply_view(image, p)
             targets = {}
             ok = True
@@ -535,7 +546,8 @@ class StreamingDataset(IterableDataset):
             if i >= shard.num_rows or sample.get("__key__") != keys[shard.row_start + i]:
                 got = sample.get("__key__") if i < shard.num_rows else "an extra sample"
                 expected = keys[shard.row_start + i] if i < shard.num_rows else "the end of the shard"
-                raise StoreMismatchError(_mismatch(self.store, shard, seg.url, f"sample {i} is {got!r}, expected {expected!r}"))
+                detail = f"sample {i} is {got!r}, expected {expected!r}"
+                raise StoreMismatchError(_mismatch(self.store, shard, seg.url, detail))
             if i in wanted:
                 image = decode_field(sample, self.input_key)
                 if not isinstance(image, torch.Tensor):
@@ -545,7 +557,8 @@ class StreamingDataset(IterableDataset):
                 yield i, image
             if i >= last:
                 return
-        raise StoreMismatchError(_mismatch(self.store, shard, seg.url, f"it ends after {i + 1} samples, the store has {shard.num_rows}"))
+        detail = f"it ends after {i + 1} samples, the store has {shard.num_rows}"
+        raise StoreMismatchError(_mismatch(self.store, shard, seg.url, detail))
 
 
 def _blank(template: dict) -> dict:

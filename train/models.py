@@ -53,11 +53,11 @@ def mlp(input_shape: Sequence[int], hidden: int, num_classes: int, dual_head: bo
 
 
 def tiny_cnn(input_shape: Sequence[int], width: int, num_classes: int, dual_head: bool = False) -> Classifier:
-    """Two conv blocks (``conv1``, ``conv2``: conv3x3 → BN → ReLU → maxpool 2), then ``embed`` = Linear(4·width·...) → ReLU."""
+    """Two conv blocks ``conv1``, ``conv2`` (conv3x3 → BN → ReLU → maxpool 2), then ``embed`` (Linear → ReLU, 4·width)."""
     c, h, w = (int(d) for d in input_shape)
     body = nn.Sequential()
-    body.add_module("conv1", nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)))
-    body.add_module("conv2", nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2)))
+    for name, (cin, cout) in (("conv1", (c, width)), ("conv2", (width, 2 * width))):
+        body.add_module(name, nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)))
     body.add_module("flatten", nn.Flatten())
     embed = 4 * width
     body.add_module("embed", nn.Sequential(nn.Linear(2 * width * (h // 4) * (w // 4), embed), nn.ReLU()))

@@ -86,7 +86,9 @@ def build_model(cfg: Config, input_shape: Sequence[int], num_classes: int, teach
     return DistillModel(student, taps, projectors)
 
 
-def compute_loss(terms: Sequence[LossConfig], out: dict[str, Tensor], batch: dict, num_classes: int) -> tuple[Tensor, dict[str, float]]:
+def compute_loss(
+    terms: Sequence[LossConfig], out: dict[str, Tensor], batch: dict, num_classes: int
+) -> tuple[Tensor, dict[str, float]]:
     """``(total, {part: value})``: the weighted sum of the config's loss terms on one batch.
 
     Pads and rows a teacher could not score are masked out of that teacher's terms; labels
@@ -245,7 +247,8 @@ class Recipe:
         self.train_set = StreamingDataset(
             self.store, shards=d.train_shards, fields=need, inputs=d.inputs, input_key=d.input_key,
             labels=d.labels, labels_seed=d.labels_seed, only_labeled=d.only_labeled, shuffle=True,
-            shuffle_buffer=d.shuffle_buffer, seed=cfg.train.seed, augment=cfg.online.augment if cfg.online.enabled else "",
+            shuffle_buffer=d.shuffle_buffer, seed=cfg.train.seed,
+            augment=cfg.online.augment if cfg.online.enabled else "",
             rank=self.rank, world_size=self.world_size, loader_workers=d.workers, loader_batch_size=d.batch_size,
             cache=cache, verify=d.verify_inputs if self.is_main else "off",
         )
@@ -512,19 +515,18 @@ class Recipe:
                     self.save_checkpoint()
                 if self.step >= self.total_steps:
                     break
-            at_epoch_end = self.step % self.steps_per_epoch == 0
-            epoch_done = self.step // self.steps_per_epoch
-            if self.eval_set is not None and at_epoch_end and cfg.eval_every_epochs and epoch_done % cfg.eval_every_epochs == 0 \
-                    and self.step < self.total_steps:
-                self.evaluate_and_log()
+            epochs_done, rest = divmod(self.step, self.steps_per_epoch)
+            due = cfg.eval_every_epochs and rest == 0 and epochs_done % cfg.eval_every_epochs == 0
+            if self.eval_set is not None and due and self.step < self.total_steps:
+                self.evaluate_and_log()  # the last evaluation runs after the loop
         bar.close()
         seconds = time.perf_counter() - start
         final = self.evaluate_and_log() if self.eval_set is not None else {}
         if self.is_main:
             torch.save(self.model.student.state_dict(), self.out_dir / "student.pt")
+        rate = samples / max(seconds, 1e-9) if self.step > start_step else 0.0
         result = TrainResult(out_dir=self.out_dir, steps=self.step, epochs=self.step / self.steps_per_epoch,
-                             seconds=seconds, samples_per_s=samples / max(seconds, 1e-9) if self.step > start_step else 0.0,
-                             eval=final, history=self.history)
+                             seconds=seconds, samples_per_s=rate, eval=final, history=self.history)
         if self.is_main:
             write_json(self.out_dir / "summary.json", result.to_dict())
         return result
@@ -582,7 +584,8 @@ def summarize_predictions(p: dict[str, np.ndarray], dho: ModelConfig | None = No
     """Accuracy of the student's prediction (DHO: the heads combined with ``dho.dho_alpha/beta``)."""
     labels = p["labels"]
     if dho is not None and "kd_logits" in p:
-        probs = L.dho_combine(torch.from_numpy(p["logits"]), torch.from_numpy(p["kd_logits"]), dho.dho_alpha, dho.dho_beta)
+        ce, kd = torch.from_numpy(p["logits"]), torch.from_numpy(p["kd_logits"])
+        probs = L.dho_combine(ce, kd, dho.dho_alpha, dho.dho_beta)
         pred = probs.argmax(1).numpy()
     else:
         pred = p["logits"].argmax(1)
