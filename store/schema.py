@@ -165,11 +165,14 @@ class TeacherSpec:
         )
 
     def differences(self, other: "TeacherSpec") -> list[str]:
-        """Names of the settings that make ``other`` a different precompute (not the factory path).
+        """Names of the settings that make ``other`` a different precompute.
 
-        Factory arguments count (``max_seq_length`` changes outputs, not weights).
+        The factory path and arguments are recorded but not compared (weights may move, a
+        delay may change): the fingerprint is what identifies the teacher's outputs, so a
+        Teacher whose outputs depend on an argument folds it into its fingerprint (the
+        MiniLM teacher does so with ``max_seq_length``).
         """
-        keys = ("fingerprint", "input_key", "outputs", "temperature", "dtype", "views", "augment", "seed", "factory_args")
+        keys = ("fingerprint", "input_key", "outputs", "temperature", "dtype", "views", "augment", "seed")
         return [k for k in keys if getattr(self, k) != getattr(other, k)]
 
 

@@ -232,7 +232,8 @@ def test_bad_samples_fail_or_skip(tmp_path, make_shards, ray_session):
 def test_teacher_nan_and_bad_shape(tmp_path, make_shards, ray_session):
     shards = make_shards(2, 10)
     nan = TeacherLoad(factory="kd_test_teachers:nan_teacher", name="nan")
-    with pytest.raises(TeacherOutputError, match=r"key 'train_00000': teacher output has NaN or inf"):
+    # the first row of every batch is NaN: the error names the first bad key of the shard that failed
+    with pytest.raises(TeacherOutputError, match=r"in-00000[01].tar key 'train_000[01]0': teacher output has NaN or inf"):
         run_precompute(cfg(tmp_path / "a", shards, teacher=nan))
     result = run_precompute(cfg(tmp_path / "b", shards, teacher=nan, on_error="skip", batch_size=4))
     assert result.samples_skipped == 6  # the first row of each batch of 4: 3 batches per shard
