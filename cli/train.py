@@ -29,7 +29,7 @@ def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, resume_fr
 
     \b
     Run on more processes with torchrun (DDP; gloo on CPU, nccl on CUDA):
-      torchrun --nproc_per_node 2 $(which kdstore) train configs/fashion_few_labels_kd.toml
+      torchrun --nproc_per_node 2 -m kdstore.cli.main train configs/fashion_few_labels_kd.toml
     Writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/student.pt and OUT/summary.json.
     """
     from kdstore.train.config import load_config

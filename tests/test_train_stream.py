@@ -32,7 +32,7 @@ from kdstore.pipeline.zoo import FashionCNN, fashion_cnn
 from kdstore.store import open_store
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.train.config import parse_config
-from kdstore.train.dataset import InputCache, StreamingDataset, shuffle_order, split_contiguous
+from kdstore.train.dataset import InputCache, StreamingDataset, collate, shuffle_order, split_contiguous
 from kdstore.train.recipe import run
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -129,6 +129,24 @@ def test_items_join_tar_inputs_with_their_store_rows(kd):
         np.testing.assert_array_equal(item["input"][0].mul(255).round().byte().numpy(), images[row])
         np.testing.assert_array_equal(item["targets"]["cnn"]["logits"], logits[row])
         assert item["valid"] and not item["pad"]
+
+
+def test_collate_equals_default_collate(kd):
+    from torch.utils.data import default_collate
+
+    ds = StreamingDataset(kd["store"], shards=["0", "4"], fields={"cnn": ["logits", "topk/indices", "topk/residual"]},
+                          labels="per_class:2", verify="off", world_size=3, rank=0)
+    items = list(ds)  # 67 items, one of them a pad
+    ours, theirs = collate(items), default_collate(items)
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, torch.Tensor):
+            return a.dtype == b.dtype and torch.equal(a, b)
+        return a == b
+
+    assert same(ours, theirs)
 
 
 def test_exactly_once_per_epoch_across_ranks_and_workers(kd):

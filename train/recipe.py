@@ -32,7 +32,7 @@ from kdstore.store.errors import InputError
 from kdstore.store.reader import open_store
 from kdstore.train import losses as L
 from kdstore.train.config import Config, LossConfig, ModelConfig, OptimConfig, parse_config
-from kdstore.train.dataset import InputCache, StreamingDataset, select_shards
+from kdstore.train.dataset import InputCache, StreamingDataset, collate, select_shards
 from kdstore.train.models import FeatureTap, build_student, output_shape
 
 CHECKPOINT_DIR = "checkpoints"
@@ -271,7 +271,7 @@ class Recipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg.optim, self.total_steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         workers = d.workers
-        self.loader = DataLoader(self.train_set, batch_size=d.batch_size, num_workers=workers,
+        self.loader = DataLoader(self.train_set, batch_size=d.batch_size, num_workers=workers, collate_fn=collate,
                                  persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
                                  worker_init_fn=_worker_init if workers else None)
         if cfg.online.enabled:
@@ -551,7 +551,7 @@ class Recipe:
         was = self.model.training
         self.model.eval()
         chunks: dict[str, list] = {}
-        loader = DataLoader(dataset, batch_size=self.cfg.data.batch_size, num_workers=0)
+        loader = DataLoader(dataset, batch_size=self.cfg.data.batch_size, num_workers=0, collate_fn=collate)
         dataset.set_epoch(0)
         dataset.set_resume(0)
         teacher = next(iter(dataset.fields), None)
