@@ -263,6 +263,8 @@ class InputCache:
         if url not in self._images:
             self._images[url] = np.zeros((num_rows, *image.shape), dtype=np.uint8)
             self._have[url] = np.zeros(num_rows, dtype=bool)
+        if self._images[url].shape[1:] != tuple(image.shape):
+            return  # images of several sizes in one shard: that row is read from the tar again
         self._images[url][row] = image.mul(255.0).round_().to(torch.uint8).numpy()
         self._have[url][row] = True
 

@@ -30,6 +30,7 @@ from kdstore.pipeline.decode import decode_field
 from kdstore.pipeline.shards import iter_samples
 from kdstore.store.errors import InputError
 from kdstore.store.reader import open_store
+from kdstore.store.schema import write_json_atomic
 from kdstore.train import losses as L
 from kdstore.train.config import Config, LossConfig, ModelConfig, OptimConfig, parse_config
 from kdstore.train.dataset import InputCache, StreamingDataset, collate, select_shards
@@ -188,12 +189,6 @@ def first_input_shape(url: str, input_key: str) -> tuple[int, ...]:
     raise InputError(f"shard {url} is empty")
 
 
-def write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-
-
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -282,7 +277,7 @@ class Recipe:
             self._resume(None if resume is True else Path(resume))
         elif self.is_main:
             (self.out_dir / METRICS_FILE).write_text("")
-            write_json(self.out_dir / "config.json", cfg.to_dict())
+            write_json_atomic(self.out_dir / "config.json", cfg.to_dict())
 
     def _init_distributed(self) -> None:
         cfg = self.cfg.train
@@ -528,7 +523,7 @@ class Recipe:
         result = TrainResult(out_dir=self.out_dir, steps=self.step, epochs=self.step / self.steps_per_epoch,
                              seconds=seconds, samples_per_s=rate, eval=final, history=self.history)
         if self.is_main:
-            write_json(self.out_dir / "summary.json", result.to_dict())
+            write_json_atomic(self.out_dir / "summary.json", result.to_dict())
         return result
 
     # ----------------------------------------------------------------- evaluation
