@@ -218,16 +218,25 @@ class Store:
         return TeacherData(self, TeacherSpec.from_json(read_json(path, "teacher.json")))
 
     def select_shards(self, selectors: Iterable[str | int] | None) -> list[ShardInfo]:
-        """Shards by index, exact URL, or URL substring (``"train-"``); all when None."""
+        """Shards by index, ``"A..B"`` index range (inclusive), exact URL or URL substring
+        (``"train-"``), in store order; all when None."""
         if selectors is None:
             return list(self.shards)
         chosen: dict[int, ShardInfo] = {}
         for sel in selectors:
             text = str(sel)
-            matches = [s for s in self.shards if (text.isdigit() and s.index == int(text)) or s.url == text or text in s.url]
+            first, sep, last = text.partition("..")
+            if sep and first.isdigit() and last.isdigit():
+                if int(last) >= len(self.shards):
+                    raise InputError(f"shard range {text}: store {self.path} has {len(self.shards)} shards")
+                matches = list(self.shards[int(first) : int(last) + 1])
+            else:
+                matches = [s for s in self.shards if (text.isdigit() and s.index == int(text)) or s.url == text or text in s.url]
             if not matches:
                 raise InputError(f"no shard of store {self.path} matches {text!r}")
             chosen.update((s.index, s) for s in matches)
+        if not chosen:
+            raise InputError("no shard selected")
         return [chosen[i] for i in sorted(chosen)]
 
     def iter_shards(

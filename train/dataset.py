@@ -601,22 +601,4 @@ def collate(items: list[dict]) -> dict:
 
 def select_shards(store: Store, selectors: Sequence[str | int] | None) -> list[ShardInfo]:
     """Shards by index, URL substring, or ``"A..B"`` index range (inclusive); all when None."""
-    if selectors is None:
-        return list(store.shards)
-    plain: list[str | int] = []
-    chosen: dict[int, ShardInfo] = {}
-    for sel in selectors:
-        text = str(sel)
-        a, sep, b = text.partition("..")
-        if sep and a.isdigit() and b.isdigit():
-            for i in range(int(a), int(b) + 1):
-                if i >= len(store.shards):
-                    raise InputError(f"shard range {text}: the store has {len(store.shards)} shards")
-                chosen[i] = store.shards[i]
-        else:
-            plain.append(sel)
-    if plain:
-        chosen.update((s.index, s) for s in store.select_shards(plain))
-    if not chosen:
-        raise InputError("no shard selected")
-    return [chosen[i] for i in sorted(chosen)]
+    return store.select_shards(selectors)
