@@ -43,7 +43,9 @@ class OutputSpec:
         if kind == "tokens" and len(args) == 1 and args[0]:
             return cls(kind="tokens", layer=args[0])
         if kind == "embedding" and len(args) <= 2:
-            l2 = bool(args) and args[-1] in ("l2", "raw") and args.pop() == "l2"
+            l2 = bool(args) and args[-1] == "l2"
+            if args and args[-1] in ("l2", "raw"):
+                args = args[:-1]
             if len(args) <= 1:
                 return cls(kind="embedding", layer=args[0] if args else "", l2=l2)
         raise InputError(
