@@ -460,3 +460,47 @@ def test_torchrun_two_ranks_two_workers_sees_every_key_once_and_trains_in_sync(k
     for epoch in ("0", "1"):
         keys = ranks[0]["keys"][epoch] + ranks[1]["keys"][epoch]
         assert len(keys) == len(all_keys) and set(keys) == all_keys
+
+
+def test_contrastive_term_uses_mined_negatives_from_the_config(kd, tmp_path):
+    """`kdstore mine` output feeds a config-selected contrastive term; the value the recipe
+    computes equals contrastive_distill on the rows' stored positive / negative vectors."""
+    import pyarrow.parquet as pq
+
+    from kdstore.store import open_store
+    from kdstore.store.index import IndexSpec
+    from kdstore.store.mine import MineSpec
+    from kdstore.store.retrieval import mine_store
+    from kdstore.train.recipe import MinedNegatives, compute_loss
+    from kdstore.train import losses as L
+    from kdstore.train.config import LossConfig
+
+    path, _ = mine_store(kd["store"], "cnn", "embedding", MineSpec(num_negatives=4, range_max=20), name="hn",
+                         index_spec=IndexSpec(kind="flat"), progress=False)
+    store = open_store(kd["store"])
+    mined = MinedNegatives.load(store, "cnn", "embedding", "hn")
+    table = pq.read_table(path).to_pydict()
+    row = table["row"][7]
+    assert mined.positive[row] == table["positive_row"][7]
+    assert mined.negatives[row, : len(table["negative_rows"][7])].tolist() == table["negative_rows"][7]
+    term = LossConfig(kind="contrastive", teacher="cnn", negatives="hn", temperature=0.1)
+    rows = torch.tensor([3, 250, -1, 42])
+    anchor = torch.randn(4, mined.table.shape[1], requires_grad=True)
+    batch = {"pad": rows < 0, "label": torch.full((4,), -1), "row": rows,
+             "targets": {"cnn": {"valid": torch.ones(4, dtype=torch.bool)}}}
+    total, parts = compute_loss([term], {"logits": torch.zeros(4, 10), "proj/0": anchor}, batch, 10, {0: mined})
+    keep = torch.tensor([0, 1, 3])
+    r = rows[keep]
+    expected = L.contrastive_distill(anchor[keep], mined.table[mined.positive[r]], mined.table[mined.negatives[r].clamp(min=0)],
+                                     temperature=0.1, neg_mask=mined.negatives[r] >= 0)
+    torch.testing.assert_close(total, expected)
+    total.backward()
+    assert anchor.grad[2].abs().sum() == 0 and anchor.grad[0].abs().sum() > 0
+
+    terms = [{"kind": "ce"}, {"kind": "contrastive", "teacher": "cnn", "negatives": "hn", "temperature": 0.1, "weight": 0.5}]
+    run(parse_config(_config(kd, tmp_path / "c", terms, train={"epochs": 1})))
+    log = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss/1.contrastive" in r]
+    assert steps and all(np.isfinite(r["loss/1.contrastive"]) for r in steps)
+    with pytest.raises(InputError, match="kdstore mine"):
+        run(parse_config(_config(kd, tmp_path / "d", [{"kind": "contrastive", "teacher": "cnn", "negatives": "nope"}])))

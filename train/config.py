@@ -18,7 +18,7 @@ from typing import Any
 
 from kdstore.store.errors import InputError
 
-LOSS_KINDS = ("ce", "kd", "topk_kd", "feature", "embedding", "dho", "multi_kd")
+LOSS_KINDS = ("ce", "kd", "topk_kd", "feature", "embedding", "dho", "multi_kd", "contrastive")
 ARCHS = ("mlp", "cnn")
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "sgd")
@@ -156,6 +156,7 @@ class LossConfig:
     combine: str = "fixed"
     teacher_weights: tuple[float, ...] = ()
     tau: float = 1.0
+    negatives: str = ""  # contrastive: STORE/negatives/NAME.parquet from `kdstore mine`
 
     def __post_init__(self) -> None:
         kinds = ", ".join(LOSS_KINDS)
@@ -167,12 +168,14 @@ class LossConfig:
         _check(self.sample_weights in ("", "max_prob", "entropy"),
                f"loss {self.kind}: sample_weights must be '', max_prob or entropy, got {self.sample_weights!r}")
         _check(self.combine in ("fixed", "confidence"), f"loss {self.kind}: combine must be fixed or confidence")
-        needs_teacher = self.kind in ("kd", "topk_kd", "feature", "embedding", "dho")
+        needs_teacher = self.kind in ("kd", "topk_kd", "feature", "embedding", "dho", "contrastive")
         _check(not needs_teacher or bool(self.teacher), f"loss {self.kind}: name its teacher (teacher = \"NAME\")")
         _check(self.kind != "multi_kd" or len(self.teachers) >= 1, "loss multi_kd: list its teachers")
         _check(not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),
                "loss multi_kd: teacher_weights needs one weight per teacher")
         _check(self.kind != "feature" or bool(self.field), "loss feature: name the stored field (e.g. features/embed)")
+        _check(self.kind != "contrastive" or bool(self.negatives),
+               "loss contrastive: name the mined negatives (negatives = \"NAME\", from `kdstore mine --name NAME`)")
 
     @property
     def teacher_names(self) -> tuple[str, ...]:
@@ -211,7 +214,7 @@ class Config:
                     fields.add("logits")
                 elif term.kind == "topk_kd":
                     fields.update(("topk/values", "topk/indices", "topk/residual"))
-                elif term.kind in ("feature", "embedding"):
+                elif term.kind in ("feature", "embedding", "contrastive"):
                     fields.add(term.field or "embedding")
                 if term.sample_weights:
                     fields.add(f"scores/{term.sample_weights}")

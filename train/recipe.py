@@ -74,7 +74,7 @@ def build_model(cfg: Config, input_shape: Sequence[int], num_classes: int, teach
                             width=cfg.model.width, dual_head=cfg.dual_head)
     taps, projectors = {}, {}
     for i, term in enumerate(cfg.loss):
-        if term.kind not in ("feature", "embedding"):
+        if term.kind not in ("feature", "embedding", "contrastive"):
             continue
         layer = term.student_layer
         s_shape = output_shape(student, layer, input_shape)
@@ -87,13 +87,47 @@ def build_model(cfg: Config, input_shape: Sequence[int], num_classes: int, teach
     return DistillModel(student, taps, projectors)
 
 
+@dataclass(frozen=True)
+class MinedNegatives:
+    """What a contrastive term looks up per batch row: ``positive [N]`` and ``negatives [N, n]``
+    store rows (-1 = none) and the teacher's stored vectors ``table [N, d]`` float32."""
+
+    positive: Tensor
+    negatives: Tensor
+    table: Tensor
+
+    @classmethod
+    def load(cls, store, teacher: str, field: str, name: str) -> "MinedNegatives":
+        import pyarrow.parquet as pq
+
+        path = store.path / "negatives" / f"{name}.parquet"
+        if not path.is_file():
+            raise InputError(f"no mined negatives {path}; create them with `kdstore mine {store.path} --teacher {teacher} --name {name}`")
+        tbl = pq.read_table(path, columns=["row", "positive_row", "negative_rows"])
+        rows = tbl.column("row").to_numpy()
+        lists = tbl.column("negative_rows").to_pylist()
+        width = max((len(x) for x in lists), default=0)
+        positive = np.full(store.num_rows, -1, dtype=np.int64)
+        negatives = np.full((store.num_rows, max(1, width)), -1, dtype=np.int64)
+        positive[rows] = tbl.column("positive_row").to_numpy()
+        for row, negs in zip(rows, lists):
+            negatives[row, : len(negs)] = negs
+        table = store.teacher(teacher).read(field).astype(np.float32)
+        return cls(torch.from_numpy(positive), torch.from_numpy(negatives), torch.from_numpy(table))
+
+    def to(self, device: torch.device) -> "MinedNegatives":
+        return MinedNegatives(self.positive.to(device), self.negatives.to(device), self.table.to(device))
+
+
 def compute_loss(
-    terms: Sequence[LossConfig], out: dict[str, Tensor], batch: dict, num_classes: int
+    terms: Sequence[LossConfig], out: dict[str, Tensor], batch: dict, num_classes: int,
+    mined: dict[int, MinedNegatives] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """``(total, {part: value})``: the weighted sum of the config's loss terms on one batch.
 
     Pads and rows a teacher could not score are masked out of that teacher's terms; labels
-    are -1 outside the labelled subset, which the CE parts ignore.
+    are -1 outside the labelled subset, which the CE parts ignore. ``mined[i]`` serves the
+    contrastive term ``i`` (rows without a positive are masked out, missing negatives too).
     """
     real = ~batch["pad"]
     labels = batch["label"]
@@ -116,6 +150,15 @@ def compute_loss(
             value = L.feature_match(out[f"proj/{i}"], tg[term.field], None, term.metric, weights=weights, mask=mask)
         elif term.kind == "embedding":
             value = L.embedding_cosine(out[f"proj/{i}"], tg[term.field or "embedding"], weights=weights, mask=mask)
+        elif term.kind == "contrastive":
+            neg = mined[i]
+            row = batch["row"].clamp(min=0)
+            pos_rows, neg_rows = neg.positive[row], neg.negatives[row]
+            value = L.contrastive_distill(
+                out[f"proj/{i}"], neg.table[pos_rows.clamp(min=0)], neg.table[neg_rows.clamp(min=0)],
+                temperature=T, neg_mask=neg_rows >= 0, weights=weights,
+                mask=mask & (batch["row"] >= 0) & (pos_rows >= 0),
+            )
         elif term.kind == "dho":
             value = L.dho_loss(out["logits"], out["kd_logits"], labels, tg["logits"], T, term.alpha,
                                weights=weights, mask=mask)
@@ -256,6 +299,8 @@ class Recipe:
                           for name in cfg.teachers()}
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.input_shape, self.num_classes, teacher_shapes).to(self.device)
+        self.mined = {i: MinedNegatives.load(self.store, t.teacher, t.field or "embedding", t.negatives).to(self.device)
+                      for i, t in enumerate(cfg.loss) if t.kind == "contrastive"}
         self.ddp = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -464,7 +509,7 @@ class Recipe:
             batch["targets"] = self.targets_fn(batch)
         with self._autocast():
             out = self.ddp(batch["input"])
-            loss, parts = compute_loss(self.cfg.loss, out, batch, self.num_classes)
+            loss, parts = compute_loss(self.cfg.loss, out, batch, self.num_classes, self.mined)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip:
