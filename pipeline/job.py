@@ -12,7 +12,6 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from kdstore.pipeline.shards import expand_urls, list_shard
 from kdstore.pipeline.worker import ShardProcessor, TeacherLoad
 from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
 from kdstore.store.reader import open_store
-from kdstore.store.schema import STORE_FILE, TeacherSpec, read_json
+from kdstore.store.schema import SAMPLES_FILE, STORE_FILE, TeacherSpec, read_json
 from kdstore.store.writer import StoreLock, clean_partial, teacher_dir, write_plan, write_teacher_spec
 
 DTYPES = ("float16", "float32")
@@ -155,7 +154,7 @@ def plan_store(cfg: PrecomputeConfig, urls: list[str]):
                     "use another --store, or --overwrite to delete it and start over"
                 )
             shutil.rmtree(root / "teachers", ignore_errors=True)
-            for name in (STORE_FILE, "samples.parquet"):
+            for name in (STORE_FILE, SAMPLES_FILE):
                 (root / name).unlink(missing_ok=True)
         else:
             return store
@@ -216,7 +215,7 @@ def _check_teacher(cfg: PrecomputeConfig, spec: TeacherSpec) -> None:
     write_teacher_spec(cfg.store, spec)
 
 
-def run_precompute(cfg: PrecomputeConfig, on_shard: Callable[[dict], None] | None = None) -> PrecomputeResult:
+def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     """Run (or resume) one teacher over the inputs into ``cfg.store``."""
     start = time.perf_counter()
     urls = expand_urls(list(cfg.inputs))
@@ -224,19 +223,27 @@ def run_precompute(cfg: PrecomputeConfig, on_shard: Callable[[dict], None] | Non
     with StoreLock(cfg.store) as lock:
         started_ray = _ensure_ray(cfg.ray_address)
         try:
-            return _run_locked(cfg, urls, start, on_shard, lock.token)
+            return _run_locked(cfg, urls, start, lock.token)
         finally:
             if started_ray:
                 ray.shutdown()
 
 
-def _run_locked(cfg, urls, start, on_shard, fence_token: str) -> PrecomputeResult:
+def _run_locked(cfg, urls, start, fence_token: str) -> PrecomputeResult:
     cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
     gpu = cfg.teacher.device.startswith("cuda")
     workers = cfg.workers or _auto_workers(cpus, gpu)
     threads = max(1, int(cpus // workers)) if not cfg.ray_address else None
     Actor = ray.remote(num_cpus=min(1.0, cpus / (workers + 1)), num_gpus=1 if gpu else 0)(ShardProcessor)
     actors = [Actor.remote(cfg.teacher, num_threads=threads, amp=cfg.amp) for _ in range(workers)]
+    try:
+        return _run_with_actors(cfg, urls, start, fence_token, actors)
+    finally:  # also when planning or the teacher check fails: no actor outlives the job
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> PrecomputeResult:
     try:
         described_ref = actors[0].describe.remote()
         store = plan_store(cfg, urls)
@@ -284,14 +291,11 @@ def _run_locked(cfg, urls, start, on_shard, fence_token: str) -> PrecomputeResul
             rows_run += record.num_rows
             skipped += len(record.skipped)
             bar.set_postfix(shards=f"{len(done) + (len(todo) - len(queue) - len(pending))}/{len(store.shards)}", skipped=skipped)
-            if on_shard:
-                on_shard({"shard": shard.index, "rows": record.num_rows, "skipped": len(record.skipped)})
     finally:
         bar.close()
         for ref in pending:
             ray.cancel(ref)
-        for actor in (*actors, progress):
-            ray.kill(actor)
+        ray.kill(progress)
     return PrecomputeResult(
         store=cfg.store,
         teacher=spec.name,
