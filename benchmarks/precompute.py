@@ -55,7 +55,7 @@ def plain_loop(urls: list[str], weights: str | None, batch_size: int, out: Path)
 
 def kdstore_run(urls: list[str], weights: str | None, batch_size: int, store: Path, workers: int, outputs) -> tuple[float, dict]:
     from kdstore.pipeline.job import PrecomputeConfig, run_precompute
-    from kdstore.pipeline.worker import TeacherLoad
+    from kdstore.pipeline.teacher import TeacherLoad
     from kdstore.store import open_store
     from kdstore.store.verify import summarize
 

@@ -135,7 +135,7 @@ def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input
                    no_progress) -> None:
     """Run a teacher once over WebDataset shards and store its outputs (resumes when rerun)."""
     from kdstore.pipeline.job import PrecomputeConfig, run_precompute
-    from kdstore.pipeline.worker import TeacherLoad
+    from kdstore.pipeline.teacher import TeacherLoad
 
     cfg = PrecomputeConfig(
         store=store_path,
@@ -200,6 +200,9 @@ def info_cmd(store_path: Path, as_json: bool) -> None:
         for s in t["skipped_examples"]:
             console.print(f"  [yellow]skipped[/] row {s['row']} key {s['key']}: {s['reason']}")
     for idx in summary["indexes"]:
+        if "error" in idx:
+            console.print(f"[red]{idx['error']}[/]")
+            continue
         console.print(f"index {idx['name']}: {idx.get('kind', '?')} {idx.get('metric', '')} "
                       f"ntotal={idx.get('ntotal', '?')} dim={idx.get('dim', '?')} {_human(idx['bytes_on_disk'])}")
 

@@ -28,7 +28,7 @@ def quickstart_cmd(ctx: click.Context, workdir: Path, teacher_seconds: float, wo
     """Run the whole flow on Fashion-MNIST with a local Ray and a local store under WORKDIR."""
     from kdstore.pipeline.datasets import fashion_mnist_shards
     from kdstore.pipeline.job import PrecomputeConfig, run_precompute
-    from kdstore.pipeline.worker import TeacherLoad
+    from kdstore.pipeline.teacher import TeacherLoad
     from kdstore.pipeline.zoo import train_fashion_cnn
     from kdstore.store.reader import open_store
     from kdstore.store.verify import verify_store

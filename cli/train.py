@@ -32,6 +32,7 @@ def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, resume_fr
       torchrun --nproc_per_node 2 -m kdstore.cli.main train configs/fashion_few_labels_kd.toml
     Writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/student.pt and OUT/summary.json.
     """
+    from kdstore.store.lock import store_lock
     from kdstore.train.config import load_config
     from kdstore.train.recipe import Recipe, print_summary
 
@@ -45,11 +46,12 @@ def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, resume_fr
     if print_config:
         click.echo(json.dumps(cfg.to_dict(), indent=1))
         return
-    recipe = Recipe(cfg)
-    try:
-        recipe.setup(resume=resume_from or resume)
-        result = recipe.train()
-        if recipe.is_main:
-            print_summary(recipe, result)
-    finally:
-        recipe.cleanup()
+    with store_lock(cfg.data.store, shared=True):  # precompute --overwrite is refused meanwhile
+        recipe = Recipe(cfg)
+        try:
+            recipe.setup(resume=resume_from or resume)
+            result = recipe.train()
+            if recipe.is_main:
+                print_summary(recipe, result)
+        finally:
+            recipe.cleanup()

@@ -2,11 +2,13 @@
 
 One actor per worker loads the teacher once; each task owns whole shards; finished shards
 (those with a done record) are never recomputed, so a rerun resumes. A lock keeps a second
-job off the same store.
+job off the same store; ``overwrite`` also takes the readers' lock exclusively, so it is
+refused while ``index``, ``mine``, ``query`` or ``train`` reads the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,13 +22,16 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from kdstore.pipeline.augment import AugmentSpec
-from kdstore.pipeline.reduce import OutputSpec
-from kdstore.pipeline.shards import expand_urls, list_shard
-from kdstore.pipeline.worker import ShardProcessor, TeacherLoad
+from kdstore.pipeline.teacher import TeacherLoad
+from kdstore.pipeline.worker import ShardProcessor
+from kdstore.store import layout
+from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
+from kdstore.store.lock import StoreLock, store_lock
 from kdstore.store.reader import open_store
-from kdstore.store.schema import SAMPLES_FILE, STORE_FILE, TeacherSpec, read_json
-from kdstore.store.writer import StoreLock, clean_partial, teacher_dir, write_plan, write_teacher_spec
+from kdstore.store.schema import OutputSpec, TeacherSpec
+from kdstore.store.shards import expand_urls, list_shard
+from kdstore.store.writer import clean_partial, write_plan, write_teacher_spec
 
 DTYPES = ("float16", "float32")
 
@@ -144,7 +149,7 @@ def _list_or_error(url: str):
 def plan_store(cfg: PrecomputeConfig, urls: list[str]):
     """Reuse the store's row plan when the inputs match; otherwise list every shard and write one."""
     root = cfg.store
-    if (root / STORE_FILE).exists():
+    if layout.store_file(root).exists():
         store = open_store(root)
         if list(store.manifest.input_urls) != urls:
             if not cfg.overwrite:
@@ -153,9 +158,9 @@ def plan_store(cfg: PrecomputeConfig, urls: list[str]):
                     f"first {store.manifest.input_urls[0]!r}) than given ({len(urls)}, first {urls[0]!r}); "
                     "use another --store, or --overwrite to delete it and start over"
                 )
-            shutil.rmtree(root / "teachers", ignore_errors=True)
-            for name in (STORE_FILE, SAMPLES_FILE):
-                (root / name).unlink(missing_ok=True)
+            shutil.rmtree(layout.teachers_dir(root), ignore_errors=True)
+            for path in (layout.store_file(root), layout.samples_path(root)):
+                path.unlink(missing_ok=True)
         else:
             return store
     # Listing is I/O (tar headers): threads in the driver, while the actors load the teacher.
@@ -188,7 +193,7 @@ def _teacher_spec(cfg: PrecomputeConfig, described: dict) -> TeacherSpec:
         fingerprint=described["fingerprint"],
         factory=cfg.teacher.factory,
         input_key=described["input_key"],
-        outputs=tuple(OutputSpec.parse(o).to_text() for o in cfg.outputs),
+        outputs=tuple(OutputSpec.parse(o) for o in cfg.outputs),
         temperature=cfg.temperature,
         dtype=cfg.dtype,
         views=cfg.views,
@@ -200,18 +205,19 @@ def _teacher_spec(cfg: PrecomputeConfig, described: dict) -> TeacherSpec:
 
 
 def _check_teacher(cfg: PrecomputeConfig, spec: TeacherSpec) -> None:
-    path = teacher_dir(cfg.store, spec.name) / "teacher.json"
+    path = layout.teacher_file(cfg.store, spec.name)
     if path.exists():
-        old = TeacherSpec.from_json(read_json(path, "teacher.json"))
+        old = TeacherSpec.from_json(read_json(path, layout.TEACHER_FILE))
         diff = old.differences(spec)
         if diff and not cfg.overwrite:
-            details = "; ".join(f"{k}: stored {getattr(old, k)!r}, now {getattr(spec, k)!r}" for k in diff)
+            doc_old, doc_new = old.to_json(), spec.to_json()
+            details = "; ".join(f"{k}: stored {doc_old[k]!r}, now {doc_new[k]!r}" for k in diff)
             raise StoreMismatchError(
                 f"teacher {spec.name!r} in {cfg.store} was precomputed differently ({details}); "
                 "use another --teacher-name, or --overwrite to recompute it"
             )
         if cfg.overwrite:
-            shutil.rmtree(teacher_dir(cfg.store, spec.name))
+            shutil.rmtree(layout.teacher_dir(cfg.store, spec.name))
     write_teacher_spec(cfg.store, spec)
 
 
@@ -220,13 +226,20 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     start = time.perf_counter()
     urls = expand_urls(list(cfg.inputs))
     cfg.store.mkdir(parents=True, exist_ok=True)
-    with StoreLock(cfg.store) as lock:
+    with StoreLock(cfg.store) as lock, _overwrite_lock(cfg):
         started_ray = _ensure_ray(cfg.ray_address)
         try:
             return _run_locked(cfg, urls, start, lock.token)
         finally:
             if started_ray:
                 ray.shutdown()
+
+
+def _overwrite_lock(cfg: PrecomputeConfig):
+    """``--overwrite`` deletes stored outputs: no reader may hold the store meanwhile."""
+    if cfg.overwrite:
+        return store_lock(cfg.store, shared=False, what="kdstore precompute --overwrite")
+    return contextlib.nullcontext()
 
 
 def _run_locked(cfg, urls, start, fence_token: str) -> PrecomputeResult:

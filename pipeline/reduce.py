@@ -1,90 +1,21 @@
 """Turning raw teacher outputs into stored fields: top-k, pooling, scores, dtype.
 
-An :class:`OutputSpec` is parsed once from ``--output`` text; :func:`reduce_outputs` maps
-a teacher's named outputs ``[b, ...]`` to the stored fields ``[b, ...]`` as numpy.
+An :class:`~kdstore.store.schema.OutputSpec` (the store's vocabulary: kinds and field
+names) is parsed once from ``--output`` text; :func:`reduce_outputs` maps a teacher's named
+outputs ``[b, ...]`` to the stored fields ``[b, ...]`` as numpy. A new output kind gets its
+reduction here, its name and fields in ``kdstore.store.schema``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdstore.store.errors import InputError, TeacherOutputError
+from kdstore.store.errors import TeacherOutputError
+from kdstore.store.schema import LOGITS, OutputSpec
 
-POOLS = ("none", "mean", "flatten")
-
-
-@dataclass(frozen=True, kw_only=True)
-class OutputSpec:
-    """One requested output. ``kind`` is logits | topk | features | embedding | scores."""
-
-    kind: str
-    k: int = 0
-    layer: str = ""
-    pool: str = "none"
-    l2: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> "OutputSpec":
-        parts = text.split(":")
-        kind, args = parts[0], parts[1:]
-        if kind in ("logits", "scores") and not args:
-            return cls(kind=kind)
-        if kind == "topk" and len(args) == 1 and args[0].isdigit() and int(args[0]) > 0:
-            return cls(kind="topk", k=int(args[0]))
-        if kind == "features" and 1 <= len(args) <= 2 and args[0]:
-            pool = args[1] if len(args) == 2 else "none"
-            if pool not in POOLS:
-                raise InputError(f"--output {text}: pool must be one of {POOLS}")
-            return cls(kind="features", layer=args[0], pool=pool)
-        if kind == "tokens" and len(args) == 1 and args[0]:
-            return cls(kind="tokens", layer=args[0])
-        if kind == "embedding" and len(args) <= 2:
-            l2 = bool(args) and args[-1] == "l2"
-            if args and args[-1] in ("l2", "raw"):
-                args = args[:-1]
-            if len(args) <= 1:
-                return cls(kind="embedding", layer=args[0] if args else "", l2=l2)
-        raise InputError(
-            f"--output {text!r} not understood; use logits | topk:K | features:LAYER[:none|mean|flatten] "
-            "| embedding[:LAYER][:l2] | scores | tokens:NAME"
-        )
-
-    def to_text(self) -> str:
-        if self.kind == "topk":
-            return f"topk:{self.k}"
-        if self.kind == "features":
-            return f"features:{self.layer}:{self.pool}"
-        if self.kind == "tokens":
-            return f"tokens:{self.layer}"
-        if self.kind == "embedding":
-            return ":".join(["embedding", *([self.layer] if self.layer else []), *(["l2"] if self.l2 else [])])
-        return self.kind
-
-    @property
-    def source(self) -> str:
-        """The teacher output this spec reads."""
-        if self.kind in ("logits", "topk", "scores"):
-            return "logits"
-        if self.kind == "tokens":
-            return f"tokens/{self.layer}"
-        if self.kind == "features" or (self.kind == "embedding" and self.layer):
-            return f"features/{self.layer}"
-        return "embedding"
-
-    def fields(self) -> list[str]:
-        return {
-            "logits": ["logits"],
-            "topk": ["topk/values", "topk/indices", "topk/residual"],
-            "features": [f"features/{self.layer}"],
-            "embedding": ["embedding"],
-            "scores": ["scores/entropy", "scores/max_prob"],
-            "tokens": [f"tokens/{self.layer}"],
-        }[self.kind]
-
+__all__ = ["OutputSpec", "bad_rows", "reduce_outputs"]
 
 def _pool(x: torch.Tensor, pool: str) -> torch.Tensor:
     if pool == "mean" and x.ndim > 2:
@@ -145,28 +76,34 @@ def reduce_outputs(
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise TeacherOutputError(f"teacher output {spec.source!r} has shape {shape}; expected leading dim {batch_size}")
         x = x.detach().float().cpu()
-        if spec.source == "logits" and x.ndim != 2:
+        names = spec.fields()
+        if spec.source == LOGITS and x.ndim != 2:
             raise TeacherOutputError(f"teacher logits must be [batch, classes], got shape {tuple(x.shape)}")
         if spec.kind == "logits":
-            fields["logits"] = x.numpy().astype(dtype)
+            (logits,) = names
+            fields[logits] = x.numpy().astype(dtype)
         elif spec.kind == "topk":
             if spec.k > x.shape[1]:
                 raise TeacherOutputError(f"--output topk:{spec.k} but the teacher has only {x.shape[1]} classes")
             values, indices = torch.topk(x, spec.k, dim=1)
             probs = F.softmax(x / temperature, dim=1)
             residual = (1.0 - probs.gather(1, indices).sum(1)).clamp_(min=0.0)
-            fields["topk/values"] = values.numpy().astype(dtype)
-            fields["topk/indices"] = indices.numpy().astype(np.int32)
-            fields["topk/residual"] = residual.numpy().astype(np.float32)
+            values_f, indices_f, residual_f = names
+            fields[values_f] = values.numpy().astype(dtype)
+            fields[indices_f] = indices.numpy().astype(np.int32)
+            fields[residual_f] = residual.numpy().astype(np.float32)
         elif spec.kind == "scores":
             logp = F.log_softmax(x, dim=1)
-            fields["scores/entropy"] = (-(logp.exp() * logp).sum(1)).numpy().astype(np.float32)
-            fields["scores/max_prob"] = logp.max(1).values.exp().numpy().astype(np.float32)
+            entropy_f, max_prob_f = names
+            fields[entropy_f] = (-(logp.exp() * logp).sum(1)).numpy().astype(np.float32)
+            fields[max_prob_f] = logp.max(1).values.exp().numpy().astype(np.float32)
         elif spec.kind == "features":
-            fields[f"features/{spec.layer}"] = _pool(x, spec.pool).numpy().astype(dtype)
+            (features_f,) = names
+            fields[features_f] = _pool(x, spec.pool).numpy().astype(dtype)
         else:
             emb = x.flatten(1)
             if spec.l2:
                 emb = F.normalize(emb, dim=1)
-            fields["embedding"] = emb.numpy().astype(dtype)
+            (embedding_f,) = names
+            fields[embedding_f] = emb.numpy().astype(dtype)
     return fields

@@ -1,5 +1,8 @@
 """Teachers: the protocol the precompute job drives, and loading from ``module:factory``.
 
+:class:`TeacherLoad` is how a teacher is built anywhere (precompute workers, online KD,
+query embedding): a picklable recipe, never read from a store without the user naming it.
+
 A factory may return a full :class:`Teacher` or a plain ``torch.nn.Module``; a module is
 wrapped in :class:`ModuleTeacher`, which decodes images, runs the module and captures
 intermediate layers with forward hooks.
@@ -11,6 +14,7 @@ import hashlib
 import importlib
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -18,6 +22,7 @@ from torch import nn
 
 from kdstore.pipeline.decode import decode_field
 from kdstore.store.errors import InputError
+from kdstore.store.schema import LOGITS, features_field
 
 
 @runtime_checkable
@@ -82,7 +87,7 @@ class ModuleTeacher:
 
     def _hook(self, layer: str):
         def capture(_module, _inputs, output):
-            self._captured[f"features/{layer}"] = output[0] if isinstance(output, tuple) else output
+            self._captured[features_field(layer)] = output[0] if isinstance(output, tuple) else output
 
         return capture
 
@@ -94,7 +99,7 @@ class ModuleTeacher:
         self._captured.clear()
         batch = torch.stack(inputs).to(self.device, non_blocking=True)
         output = self.module(batch)
-        outputs = dict(output) if isinstance(output, dict) else {"logits": output}
+        outputs = dict(output) if isinstance(output, dict) else {LOGITS: output}
         outputs.update(self._captured)
         return outputs
 
@@ -142,3 +147,25 @@ def load_teacher(
     if input_key:
         obj.input_key = input_key
     return obj
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherLoad:
+    """How to build a teacher (picklable: sent to Ray actors; also used by online KD and query)."""
+
+    factory: str
+    name: str | None = None
+    input_key: str | None = None
+    layers: tuple[str, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    device: str = "cpu"
+
+    def build(self) -> Teacher:
+        return load_teacher(
+            self.factory,
+            name=self.name,
+            input_key=self.input_key,
+            layers=self.layers,
+            device=self.device,
+            kwargs=dict(self.kwargs),
+        )

@@ -22,6 +22,7 @@ import torch
 
 from kdstore.pipeline.teacher import state_dict_fingerprint
 from kdstore.store.errors import InputError
+from kdstore.store.schema import EMBEDDING, tokens_field
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
@@ -76,9 +77,9 @@ class MiniLMTeacher:
             f"{state_dict_fingerprint(self.model)}:max_seq_length={self.max_seq_length}".encode()
         ).hexdigest()
         self._normalized = any(type(m).__name__ == "Normalize" for m in self.model)
-        self.outputs: dict[str, tuple[int, ...]] = {"embedding": (EMBEDDING_DIM,)}
+        self.outputs: dict[str, tuple[int, ...]] = {EMBEDDING: (EMBEDDING_DIM,)}
         if token_features:
-            self.outputs["tokens/features"] = (-1, EMBEDDING_DIM)
+            self.outputs[tokens_field("features")] = (-1, EMBEDDING_DIM)
 
     def preprocess(self, sample: dict[str, bytes]) -> str:
         """``sample["txt"]`` (utf-8 bytes) → text. Raises InputError when it is missing or not utf-8."""
@@ -102,11 +103,11 @@ class MiniLMTeacher:
         embedding = out["sentence_embedding"].float()
         if not self._normalized:
             embedding = torch.nn.functional.normalize(embedding, p=2, dim=1)
-        result: dict[str, Any] = {"embedding": embedding.cpu()}
+        result: dict[str, Any] = {EMBEDDING: embedding.cpu()}
         if self.token_features:
             lengths = out["attention_mask"].sum(dim=1).tolist()
             tokens = out["token_embeddings"].float().cpu()
-            result["tokens/features"] = [tokens[i, : int(n)].clone() for i, n in enumerate(lengths)]
+            result[tokens_field("features")] = [tokens[i, : int(n)].clone() for i, n in enumerate(lengths)]
         return result
 
     __call__ = forward
@@ -135,7 +136,7 @@ def encode_texts(
     out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
     for start in tqdm(range(0, len(texts), batch_size), desc="MiniLM", disable=not progress, unit="batch"):
         idx = order[start : start + batch_size]
-        out[idx] = teacher.forward([texts[i] for i in idx])["embedding"].numpy()
+        out[idx] = teacher.forward([texts[i] for i in idx])[EMBEDDING].numpy()
     return out
 
 

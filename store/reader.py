@@ -15,19 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import zarr
 
+from kdstore.store import layout
+from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, StoreCorruptError
-from kdstore.store.schema import (
-    SAMPLES_FILE,
-    STORE_FILE,
-    TEACHERS_DIR,
-    DoneRecord,
-    FieldSpec,
-    ShardInfo,
-    StoreManifest,
-    TeacherSpec,
-    read_json,
-)
-from kdstore.store.writer import OFFSETS_SUFFIX, VALID_ARRAY, VIEWS_ARRAY, shard_array_path, teacher_dir
+from kdstore.store.layout import SAMPLES_FILE, STORE_FILE, VALID_ARRAY, VIEWS_ARRAY
+from kdstore.store.schema import DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec
 
 
 class TeacherData:
@@ -37,7 +29,7 @@ class TeacherData:
         self.store = store
         self.spec = spec
         self.name = spec.name
-        self.dir = teacher_dir(store.path, spec.name)
+        self.dir = layout.teacher_dir(store.path, spec.name)
 
     @property
     def views(self) -> int:
@@ -50,7 +42,7 @@ class TeacherData:
     def done_records(self) -> dict[int, DoneRecord]:
         """Done records by shard index (re-read on each call: a job may be adding them)."""
         records = {}
-        done_dir = self.dir / "done"
+        done_dir = layout.done_dir(self.store.path, self.name)
         if done_dir.is_dir():
             for path in sorted(done_dir.glob("*.json")):
                 record = DoneRecord.from_json(read_json(path, "done record"))
@@ -64,7 +56,7 @@ class TeacherData:
         if not records:
             return {}
         first = records[min(records)]
-        return {k: v for k, v in first.fields.items() if not k.startswith("_") and not k.endswith(OFFSETS_SUFFIX)}
+        return {k: v for k, v in first.fields.items() if not layout.is_reserved(k)}
 
     def missing_shards(self) -> list[int]:
         done = self.done_records()
@@ -75,8 +67,8 @@ class TeacherData:
         return not self.missing_shards()
 
     def _group(self, shard_index: int) -> zarr.Group:
-        path = shard_array_path(self.store.path, self.name, shard_index)
-        if not (self.dir / "done" / f"{shard_index:06d}.json").exists() or not path.exists():
+        path = layout.shard_array_path(self.store.path, self.name, shard_index)
+        if not layout.done_path(self.store.path, self.name, shard_index).exists() or not path.exists():
             raise StoreCorruptError(
                 f"teacher {self.name}: shard {shard_index} ({self.store.shards[shard_index].url}) is not finished; "
                 "rerun precompute to complete it"
@@ -101,7 +93,7 @@ class TeacherData:
         if not self.fields[field].ragged:
             raise InputError(f"field {field!r} of teacher {self.name} is not a per-token field")
         group = self._group(shard_index)
-        values, offsets = group[field][...], group[field + OFFSETS_SUFFIX][...]
+        values, offsets = group[field][...], group[layout.offsets_name(field)][...]
         return [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
 
     def read(self, field: str, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
@@ -146,6 +138,12 @@ class TeacherData:
             raise InputError(f"teacher {self.name} was precomputed without augmentation views")
         return self.read_shard(VIEWS_ARRAY, shard_index)
 
+    def view_params_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``[len(rows), V, 5]`` int32 view parameters of any rows (one contiguous read per shard)."""
+        if not self.views:
+            raise InputError(f"teacher {self.name} was precomputed without augmentation views")
+        return self.read(VIEWS_ARRAY, rows)
+
     def skipped(self) -> list[dict]:
         return [s for r in self.done_records().values() for s in r.skipped]
 
@@ -182,7 +180,7 @@ class Store:
 
     @cached_property
     def _samples(self):
-        table = pq.read_table(self.path / SAMPLES_FILE)
+        table = pq.read_table(layout.samples_path(self.path))
         if table.num_rows != self.num_rows:
             raise StoreCorruptError(f"{SAMPLES_FILE} has {table.num_rows} rows, store.json says {self.num_rows}")
         return table
@@ -206,16 +204,16 @@ class Store:
 
     @property
     def teachers(self) -> list[str]:
-        tdir = self.path / TEACHERS_DIR
+        tdir = layout.teachers_dir(self.path)
         if not tdir.is_dir():
             return []
-        return sorted(p.name for p in tdir.iterdir() if (p / "teacher.json").is_file())
+        return sorted(p.name for p in tdir.iterdir() if layout.teacher_file(self.path, p.name).is_file())
 
     def teacher(self, name: str) -> TeacherData:
-        path = teacher_dir(self.path, name) / "teacher.json"
+        path = layout.teacher_file(self.path, name)
         if not path.is_file():
             raise InputError(f"store {self.path} has no teacher {name!r}; it has {self.teachers}")
-        return TeacherData(self, TeacherSpec.from_json(read_json(path, "teacher.json")))
+        return TeacherData(self, TeacherSpec.from_json(read_json(path, layout.TEACHER_FILE)))
 
     def select_shards(self, selectors: Iterable[str | int] | None) -> list[ShardInfo]:
         """Shards by index, ``"A..B"`` index range (inclusive), exact URL or URL substring
@@ -263,7 +261,7 @@ def open_store(path: str | Path) -> Store:
     """Open a store written by ``kdstore precompute``; raises ``InputError`` when there is none."""
     root = Path(path).expanduser()
     try:
-        doc = read_json(root / STORE_FILE, "store.json")
+        doc = read_json(layout.store_file(root), STORE_FILE)
     except FileNotFoundError:
         raise InputError(f"{root} is not a kdstore store (no {STORE_FILE}); create one with `kdstore precompute`") from None
     return Store(root, StoreManifest.from_json(doc))

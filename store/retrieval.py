@@ -1,4 +1,7 @@
-"""Store glue for retrieval: index a teacher's stored field, mine negatives, query by key / vector / raw input.
+"""Store glue for retrieval: index a teacher's stored field, mine negatives, query by key / row / vector.
+
+Raw text or image queries are embedded with a teacher in ``kdstore.pipeline.embed`` (the
+store knows no teacher) and arrive here as vectors.
 
 Files, beside the store's other parts::
 
@@ -13,19 +16,18 @@ teacher's outputs changed raises :class:`StoreMismatchError`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from kdstore.store import layout
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.index import IndexSpec, VectorIndex, build_index, load_index
-from kdstore.store.mine import MineSpec, MineStats, write_negatives
+from kdstore.store.layout import INDEX_DIR, NEGATIVES_DIR  # noqa: F401  (re-exported)
+from kdstore.store.mine import MineSpec, MineStats, read_negatives, write_negatives
 from kdstore.store.reader import Store, TeacherData, open_store
-
-INDEX_DIR = "index"
-NEGATIVES_DIR = "negatives"
+from kdstore.store.schema import EMBEDDING
 
 
 class QueryHit(NamedTuple):
@@ -41,19 +43,27 @@ def _store(store: Store | str | os.PathLike[str]) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
-def _file_part(name: str) -> str:
-    # Field names such as features/pool hold a slash; file names cannot.
-    return name.replace("/", "~")
-
-
-def index_path(store: Store | str | os.PathLike[str], teacher: str, field: str = "embedding") -> Path:
-    root = store.path if isinstance(store, Store) else Path(store)
-    return root / INDEX_DIR / f"{_file_part(teacher)}.{_file_part(field)}.faiss"
+def index_path(store: Store | str | os.PathLike[str], teacher: str, field: str = EMBEDDING) -> Path:
+    """``STORE/index/TEACHER.FIELD.faiss`` (:func:`kdstore.store.layout.index_path`)."""
+    return layout.index_path(store, teacher, field)
 
 
 def negatives_path(store: Store | str | os.PathLike[str], name: str) -> Path:
-    root = store.path if isinstance(store, Store) else Path(store)
-    return root / NEGATIVES_DIR / f"{_file_part(name)}.parquet"
+    """``STORE/negatives/NAME.parquet`` (:func:`kdstore.store.layout.negatives_path`)."""
+    return layout.negatives_path(store, name)
+
+
+def load_negatives(store: Store | str | os.PathLike[str], name: str):
+    """``kdstore mine --name NAME``'s table and its ``{"spec", "stats", "teacher", "field", ...}`` record.
+
+    Columns: row, key, positive_row, positive_score, negative_rows, negative_scores. Raises
+    :class:`InputError` (saying to run ``kdstore mine``) when there is none.
+    """
+    path = layout.negatives_path(store, name)
+    if not path.is_file():
+        root = layout.root_of(store)
+        raise InputError(f"no mined negatives {path}; create them with `kdstore mine {root} --teacher T --name {name}`")
+    return read_negatives(path)
 
 
 class StoreField:
@@ -85,7 +95,7 @@ class StoreField:
         return self.teacher.read(self.field, np.asarray(sel, dtype=np.int64))
 
 
-def read_field(store: Store | str | os.PathLike[str], teacher: str, field: str = "embedding") -> np.ndarray:
+def read_field(store: Store | str | os.PathLike[str], teacher: str, field: str = EMBEDDING) -> np.ndarray:
     """The whole field, ``[num_rows, dim]`` in its stored dtype (shard-sequential reads)."""
     s = _store(store)
     StoreField(s.teacher(teacher), field)  # checks the field and its shape
@@ -248,56 +258,27 @@ def mine_store(
     return path, stats
 
 
-def embed_inputs(store: Store, teacher: str, field: str, samples: Sequence[dict[str, bytes]], *, device: str = "cpu") -> np.ndarray:
-    """Run the store's own teacher (its recorded factory) on raw samples → ``[n, dim]`` as stored.
-
-    Raises StoreMismatchError when the loaded teacher's fingerprint differs from the store's.
-    """
-    from kdstore.pipeline.reduce import OutputSpec, reduce_outputs
-    from kdstore.pipeline.teacher import load_teacher
-
-    spec = store.teacher(teacher).spec
-    if not spec.factory:
-        raise InputError(f"teacher {teacher} records no factory: embed the query yourself and pass a vector")
-    model = load_teacher(spec.factory, name=spec.name, input_key=spec.input_key or None, layers=spec.layers,
-                         device=device, kwargs=spec.factory_args)
-    if model.fingerprint != spec.fingerprint:
-        raise StoreMismatchError(
-            f"{spec.factory} now has fingerprint {model.fingerprint[:16]}, the store was written with "
-            f"{spec.fingerprint[:16]}: its embeddings are not comparable"
-        )
-    outputs = [o for o in map(OutputSpec.parse, spec.outputs) if field in o.fields()]
-    if not outputs:
-        raise InputError(f"field {field!r} is not an output of teacher {teacher} ({list(spec.outputs)})")
-    raw = model.forward([model.preprocess(sample) for sample in samples])
-    fields = reduce_outputs(raw, outputs, batch_size=len(samples), temperature=spec.temperature, dtype=np.dtype(spec.dtype))
-    return fields[field]
-
-
 def query(
     store: Store | str | os.PathLike[str],
     teacher: str,
-    field: str = "embedding",
+    field: str = EMBEDDING,
     *,
     key: str | None = None,
     row: int | None = None,
     vector: np.ndarray | str | os.PathLike[str] | None = None,
-    text: str | None = None,
-    image: bytes | str | os.PathLike[str] | None = None,
     k: int = 10,
     include_self: bool = False,
-    device: str = "cpu",
 ) -> list[QueryHit]:
-    """The ``k`` nearest stored rows to one query; give exactly one of key, row, vector, text, image.
+    """The ``k`` nearest stored rows to one query; give exactly one of key, row, vector.
 
-    ``vector`` is an array ``[dim]`` or a ``.npy`` path; ``text`` / ``image`` (bytes or a
-    path) are embedded with the store's teacher. A query by key or row leaves that row out
-    unless ``include_self``.
+    ``vector`` is an array ``[dim]`` or a ``.npy`` path (text / image queries:
+    ``kdstore.pipeline.embed.query``). A query by key or row leaves that row out unless
+    ``include_self``.
     """
     s = _store(store)
-    given = [name for name, v in (("key", key), ("row", row), ("vector", vector), ("text", text), ("image", image)) if v is not None]
+    given = [name for name, v in (("key", key), ("row", row), ("vector", vector)) if v is not None]
     if len(given) != 1:
-        raise InputError(f"give exactly one of key, row, vector, text, image (got {given or 'none'})")
+        raise InputError(f"give exactly one of key, row, vector (got {given or 'none'})")
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     index = open_store_index(s, teacher, field)
@@ -318,14 +299,6 @@ def query(
             except (OSError, ValueError) as err:
                 raise InputError(f"cannot read query vector {vector}: {err}") from None
         q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-    else:
-        t = s.teacher(teacher)
-        if text is not None:
-            sample = {t.spec.input_key or "txt": text.encode("utf-8")}
-        else:
-            data = image if isinstance(image, bytes) else Path(image).read_bytes()
-            sample = {t.spec.input_key or Path(str(image)).suffix.lstrip(".") or "png": data}
-        q = embed_inputs(s, teacher, field, [sample], device=device)
     extra = 1 if self_row is not None and not include_self else 0
     scores, rows = index.search(q, min(k + extra, index.ntotal))
     labels, keys = s.labels, s.keys

@@ -1,57 +1,127 @@
-"""Store format v1: the JSON documents of a store, as frozen dataclasses.
+"""Store format v1: the JSON documents of a store and the names of its fields, as frozen dataclasses.
 
-Each document is parsed and checked once when read (``from_json``) and trusted after.
-The layout they describe is documented in ``docs/FORMAT.md``.
+Each document is parsed and checked once when read (``from_json``, one small parse per
+field) and trusted after: a :class:`TeacherSpec` holds :class:`OutputSpec` objects, never
+the ``--output`` text. Stored field names come from :meth:`OutputSpec.fields`; the paths
+and reserved array names are in :mod:`kdstore.store.layout`; the layout is documented in
+``docs/FORMAT.md``.
+
+To add an output kind: a branch in :meth:`OutputSpec.parse` / ``to_text`` / ``source`` /
+``fields`` here, and its reduction in ``kdstore.pipeline.reduce.reduce_outputs``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kdstore.store.errors import StoreCorruptError
+from kdstore.store.atomic import read_json, write_json_atomic  # noqa: F401  (re-exported)
+from kdstore.store.errors import InputError, StoreCorruptError
+from kdstore.store.layout import LOCK_FILE, SAMPLES_FILE, STORE_FILE, TEACHERS_DIR, shard_name  # noqa: F401
 
 FORMAT_VERSION = 1
-STORE_FILE = "store.json"
-SAMPLES_FILE = "samples.parquet"
-TEACHERS_DIR = "teachers"
-LOCK_FILE = ".lock"
+
+# Stored field names (per row; with views V > 0 each gets a [V] axis after the row axis).
+LOGITS = "logits"  # [C]
+TOPK_VALUES = "topk/values"  # [K] teacher logits of the K largest
+TOPK_INDICES = "topk/indices"  # [K] int32
+TOPK_RESIDUAL = "topk/residual"  # [] probability mass outside the top K at the recorded temperature
+EMBEDDING = "embedding"  # [D]
+SCORES_ENTROPY = "scores/entropy"  # []
+SCORES_MAX_PROB = "scores/max_prob"  # []
+POOLS = ("none", "mean", "flatten")
+OUTPUT_KINDS = ("logits", "topk", "features", "embedding", "scores", "tokens")
 
 
-def shard_name(index: int) -> str:
-    return f"{index:06d}"
+def features_field(layer: str) -> str:
+    """``features/LAYER``: a captured layer (also the teacher output name a hook fills)."""
+    return f"features/{layer}"
 
 
-def write_json_atomic(path: Path, doc: dict) -> None:
-    """Write ``doc`` to a temp file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def tokens_field(name: str) -> str:
+    """``tokens/NAME``: a per-token (ragged) teacher output."""
+    return f"tokens/{name}"
 
 
-def read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path) as fh:
-            doc = json.load(fh)
-    except FileNotFoundError:
-        raise
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreCorruptError(f"{what} {path} is unreadable ({exc})") from None
-    if not isinstance(doc, dict):
-        raise StoreCorruptError(f"{what} {path} is not a JSON object")
-    return doc
+def scores_field(name: str) -> str:
+    """``scores/NAME`` (``entropy`` or ``max_prob``)."""
+    return f"scores/{name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSpec:
+    """One requested output. ``kind`` is logits | topk | features | embedding | scores | tokens.
+
+    ``temperature`` is the teacher's recorded temperature (``TeacherSpec`` fills it in when
+    read; the top-k residual was computed at it). It is not part of the ``--output`` text.
+    """
+
+    kind: str
+    k: int = 0
+    layer: str = ""
+    pool: str = "none"
+    l2: bool = False
+    temperature: float | None = field(default=None, compare=False)
+
+    @classmethod
+    def parse(cls, text: str) -> "OutputSpec":
+        parts = text.split(":")
+        kind, args = parts[0], parts[1:]
+        if kind in ("logits", "scores") and not args:
+            return cls(kind=kind)
+        if kind == "topk" and len(args) == 1 and args[0].isdigit() and int(args[0]) > 0:
+            return cls(kind="topk", k=int(args[0]))
+        if kind == "features" and 1 <= len(args) <= 2 and args[0]:
+            pool = args[1] if len(args) == 2 else "none"
+            if pool not in POOLS:
+                raise InputError(f"--output {text}: pool must be one of {POOLS}")
+            return cls(kind="features", layer=args[0], pool=pool)
+        if kind == "tokens" and len(args) == 1 and args[0]:
+            return cls(kind="tokens", layer=args[0])
+        if kind == "embedding" and len(args) <= 2:
+            l2 = bool(args) and args[-1] == "l2"
+            if args and args[-1] in ("l2", "raw"):
+                args = args[:-1]
+            if len(args) <= 1:
+                return cls(kind="embedding", layer=args[0] if args else "", l2=l2)
+        raise InputError(
+            f"--output {text!r} not understood; use logits | topk:K | features:LAYER[:none|mean|flatten] "
+            "| embedding[:LAYER][:l2] | scores | tokens:NAME"
+        )
+
+    def to_text(self) -> str:
+        if self.kind == "topk":
+            return f"topk:{self.k}"
+        if self.kind == "features":
+            return f"features:{self.layer}:{self.pool}"
+        if self.kind == "tokens":
+            return f"tokens:{self.layer}"
+        if self.kind == "embedding":
+            return ":".join(["embedding", *([self.layer] if self.layer else []), *(["l2"] if self.l2 else [])])
+        return self.kind
+
+    @property
+    def source(self) -> str:
+        """The teacher output this spec reads."""
+        if self.kind in ("logits", "topk", "scores"):
+            return LOGITS
+        if self.kind == "tokens":
+            return tokens_field(self.layer)
+        if self.kind == "features" or (self.kind == "embedding" and self.layer):
+            return features_field(self.layer)
+        return EMBEDDING
+
+    def fields(self) -> list[str]:
+        """The stored fields this output writes, in a fixed order (top-k: values, indices, residual)."""
+        return {
+            "logits": [LOGITS],
+            "topk": [TOPK_VALUES, TOPK_INDICES, TOPK_RESIDUAL],
+            "features": [features_field(self.layer)],
+            "embedding": [EMBEDDING],
+            "scores": [SCORES_ENTROPY, SCORES_MAX_PROB],
+            "tokens": [tokens_field(self.layer)],
+        }[self.kind]
 
 
 def _require(doc: dict, keys: tuple[str, ...], what: str) -> None:
@@ -123,6 +193,15 @@ class StoreManifest:
         )
 
 
+def _parse_outputs(texts: Any) -> tuple[OutputSpec, ...]:
+    if not isinstance(texts, list) or not texts:
+        raise StoreCorruptError(f"teacher.json: outputs must be a non-empty list, got {texts!r}")
+    try:
+        return tuple(OutputSpec.parse(str(t)) for t in texts)
+    except InputError as exc:
+        raise StoreCorruptError(f"teacher.json: {exc}") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class TeacherSpec:
     """``teachers/NAME/teacher.json``: what was asked of the teacher. Never changes."""
@@ -131,7 +210,7 @@ class TeacherSpec:
     fingerprint: str
     factory: str
     input_key: str
-    outputs: tuple[str, ...]
+    outputs: tuple[OutputSpec, ...]
     temperature: float
     dtype: str
     views: int = 0
@@ -140,11 +219,34 @@ class TeacherSpec:
     layers: tuple[str, ...] = ()
     factory_args: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Text is accepted when building a spec by hand; each output carries the temperature.
+        parsed = tuple(o if isinstance(o, OutputSpec) else OutputSpec.parse(o) for o in self.outputs)
+        object.__setattr__(
+            self, "outputs", tuple(dataclasses.replace(o, temperature=float(self.temperature)) for o in parsed)
+        )
+
     def to_json(self) -> dict:
         doc = asdict(self)
-        doc["outputs"] = list(self.outputs)
+        doc["outputs"] = [o.to_text() for o in self.outputs]
         doc["layers"] = list(self.layers)
         return doc
+
+    def fields(self) -> list[str]:
+        """Every stored field of this teacher, in output order."""
+        return [f for o in self.outputs for f in o.fields()]
+
+    def output(self, name: str) -> OutputSpec:
+        """The output of kind ``name`` (``"topk"``) or the one writing field ``name`` (``"topk/values"``).
+
+        ``spec.output("topk").temperature`` is the temperature the residual was computed at.
+        """
+        for o in self.outputs:
+            if o.kind == name or name in o.fields():
+                return o
+        raise InputError(
+            f"teacher {self.name} has no output {name!r}; it stores {[o.to_text() for o in self.outputs]}"
+        )
 
     @classmethod
     def from_json(cls, doc: dict) -> "TeacherSpec":
@@ -154,7 +256,7 @@ class TeacherSpec:
             fingerprint=doc["fingerprint"],
             factory=doc.get("factory", ""),
             input_key=doc.get("input_key", ""),
-            outputs=tuple(doc["outputs"]),
+            outputs=_parse_outputs(doc["outputs"]),
             temperature=float(doc["temperature"]),
             dtype=doc["dtype"],
             views=int(doc.get("views", 0)),

@@ -1,16 +1,18 @@
-"""Checking a store against its checksums, its row plan and its input shards; summaries."""
+"""Checking a store against its checksums, its row plan, its index records and its input shards; summaries."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import zarr
 
-from kdstore.store.errors import KdStoreError
+from kdstore.store import layout
+from kdstore.store.inputs import input_problems
 from kdstore.store.reader import Store
 from kdstore.store.schema import ShardInfo
-from kdstore.store.writer import array_sha256, shard_array_path
+from kdstore.store.writer import array_sha256
 
 
 @dataclass
@@ -25,7 +27,7 @@ class VerifyReport:
 
 
 def _check_shard_fields(store: Store, name: str, shard: ShardInfo, record) -> Iterable[str]:
-    path = shard_array_path(store.path, name, shard.index)
+    path = layout.shard_array_path(store.path, name, shard.index)
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # zarr raises many types for a damaged group
@@ -49,22 +51,17 @@ def verify_store(
     """Re-check every (selected) shard: checksums of each field, row coverage, and that the
     input shards still hold the planned keys. Never raises for a damaged store: problems
     are returned, first one first."""
-    from kdstore.pipeline.shards import list_shard
-
     report = VerifyReport()
     selected = store.select_shards(shards)
     if check_inputs:
-        for shard in selected:
-            try:
-                listing = list_shard(shard.url)
-            except KdStoreError as exc:
-                report.problems.append(f"input shard {shard.index}: {exc}")
-                continue
-            planned = list(store.keys[shard.row_start : shard.row_stop])
-            if listing.keys != planned:
+        for problem in input_problems(store, selected, mode="full"):
+            if problem.shard is None:
+                report.problems.append(problem.detail)
+            elif problem.error is not None:
+                report.problems.append(f"input shard {problem.shard.index}: {problem.detail}")
+            else:
                 report.problems.append(
-                    f"input shard {shard.index} ({shard.url}): keys differ from the store's plan "
-                    f"({len(listing.keys)} keys now, {len(planned)} planned)"
+                    f"input shard {problem.shard.index} ({problem.url}): keys differ from the store's plan ({problem.detail})"
                 )
     for name in store.teachers:
         teacher = store.teacher(name)
@@ -81,6 +78,7 @@ def verify_store(
             report.problems.extend(_check_shard_fields(store, name, shard, record))
             report.fields_checked += len(record.fields)
         report.shards_checked += len(selected)
+    report.problems.extend(idx["error"] for idx in _indexes(store) if "error" in idx)
     return report
 
 
@@ -108,7 +106,7 @@ def summarize(store: Store) -> dict:
             {
                 "name": name,
                 "fingerprint": t.spec.fingerprint,
-                "outputs": list(t.spec.outputs),
+                "outputs": [o.to_text() for o in t.spec.outputs],
                 "temperature": t.spec.temperature,
                 "views": t.spec.views,
                 "augment": t.spec.augment,
@@ -134,17 +132,18 @@ def summarize(store: Store) -> dict:
 
 
 def _indexes(store: Store) -> list[dict]:
-    import json
-
+    """Each ``index/*.json`` record (+ name, bytes on disk); an unreadable one gets an ``error``."""
     out = []
-    index_dir = store.path / "index"
+    index_dir = layout.index_dir(store.path)
     if index_dir.is_dir():
         for meta in sorted(index_dir.glob("*.json")):
+            faiss_file = meta.with_suffix(".faiss")
             try:
                 doc = json.loads(meta.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            faiss_file = meta.with_suffix(".faiss")
+                if not isinstance(doc, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                doc = {"error": f"index {meta.stem}: metadata {meta} is unreadable ({exc}); rebuild it with `kdstore index`"}
             doc["name"] = meta.stem
             doc["bytes_on_disk"] = faiss_file.stat().st_size if faiss_file.exists() else 0
             out.append(doc)

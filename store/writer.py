@@ -1,13 +1,15 @@
 """Writing a store: the row plan, teacher specs, and one shard's arrays at a time.
 
 Every shard's arrays go into their own Zarr group (no two writers ever share a file or a
-chunk), written under a temporary name and renamed into place; the shard's done record is
-written last. A crash leaves at worst a temporary folder that the next run removes.
+chunk), written under a temporary name, fsynced (every chunk file and folder), renamed into
+place, and the parent folder fsynced; the shard's done record is written (and fsynced) last.
+So a done record on disk implies durable chunks even across a power loss, and a resume
+trusts done records without re-reading checksums. A crash leaves at worst a temporary
+folder that the next run removes.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -21,26 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from kdstore.store.errors import StoreLockedError
-from kdstore.store.schema import (
-    FORMAT_VERSION,
-    LOCK_FILE,
-    SAMPLES_FILE,
-    STORE_FILE,
-    TEACHERS_DIR,
-    DoneRecord,
-    FieldSpec,
-    ShardInfo,
-    StoreManifest,
-    TeacherSpec,
-    shard_name,
-    write_json_atomic,
-)
+from kdstore.store import layout
+from kdstore.store.atomic import fsync_dir, fsync_tree, write_json_atomic
+from kdstore.store.layout import OFFSETS_SUFFIX, VALID_ARRAY, VIEWS_ARRAY
+from kdstore.store.lock import check_fence
+from kdstore.store.schema import FORMAT_VERSION, DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec
 
 CHUNK_ROWS = 4096
-VALID_ARRAY = "_valid"
-VIEWS_ARRAY = "_views"
-OFFSETS_SUFFIX = ".offsets"
 
 
 def kdstore_version() -> str:
@@ -63,56 +52,6 @@ def input_fingerprint(urls: Sequence[str], keys_per_shard: Sequence[Sequence[str
         digest.update(f"{url}\0{len(keys)}\0".encode())
         digest.update("\0".join(keys).encode())
     return "sha256:" + digest.hexdigest()
-
-
-class StoreLock:
-    """An exclusive ``flock`` on ``STORE/.lock`` for one job; the kernel drops it on any exit."""
-
-    def __init__(self, root: Path) -> None:
-        self.path = Path(root) / LOCK_FILE
-        self.token = uuid.uuid4().hex
-        self._fh = None
-
-    def __enter__(self) -> "StoreLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise StoreLockedError(
-                f"store {self.path.parent} is locked by {holder}; wait for that job or stop it first"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {os.uname().nodename} job {self.token}")
-        fh.flush()
-        self._fh = fh
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-
-
-def check_fence(root: Path, token: str | None) -> None:
-    """Refuse to commit when the job that sent this work no longer holds the store.
-
-    Workers of a killed driver can outlive it; once a new job has taken the lock (and
-    written its own token), their late writes must not land.
-    """
-    if token is None:
-        return
-    try:
-        holder = (Path(root) / LOCK_FILE).read_text()
-    except FileNotFoundError:
-        holder = ""
-    if token not in holder:
-        raise StoreLockedError(f"store {root} is now held by another job ({holder.strip() or 'none'}); this worker stops")
 
 
 def write_plan(
@@ -139,9 +78,11 @@ def write_plan(
             "label": pa.array([lab for labels in labels_per_shard for lab in labels], pa.int64()),
         }
     )
-    tmp = root / f".{SAMPLES_FILE}.{uuid.uuid4().hex}.tmp"
+    samples = layout.samples_path(root)
+    tmp = samples.with_name(f".{samples.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(table, tmp)
-    os.replace(tmp, root / SAMPLES_FILE)
+    fsync_tree(tmp)
+    os.replace(tmp, samples)
     manifest = StoreManifest(
         format_version=FORMAT_VERSION,
         kdstore_version=kdstore_version(),
@@ -151,25 +92,21 @@ def write_plan(
         shards=tuple(shards),
         skipped_shards=tuple(skipped_shards),
     )
-    write_json_atomic(root / STORE_FILE, manifest.to_json())
+    write_json_atomic(layout.store_file(root), manifest.to_json())
     return manifest
 
 
-def teacher_dir(root: Path, name: str) -> Path:
-    return Path(root) / TEACHERS_DIR / name
-
-
 def write_teacher_spec(root: Path, spec: TeacherSpec) -> None:
-    write_json_atomic(teacher_dir(root, spec.name) / "teacher.json", spec.to_json())
+    write_json_atomic(layout.teacher_file(root, spec.name), spec.to_json())
 
 
 def clean_partial(root: Path, name: str) -> int:
     """Remove temporary shard folders a crashed run left behind; returns how many."""
-    shards_dir = teacher_dir(root, name) / "shards"
+    shards_dir = layout.shards_dir(root, name)
     removed = 0
     if shards_dir.is_dir():
         for entry in shards_dir.iterdir():
-            if entry.name.startswith(".tmp-"):
+            if entry.name.startswith(layout.TMP_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
     return removed
@@ -201,10 +138,9 @@ def write_shard(
     The arrays land in ``shards/SHARD.zarr`` via a temp folder and a rename; a previous
     partial folder of the same shard is replaced. Returns the done record written.
     """
-    tdir = teacher_dir(root, teacher.name)
-    shards_dir = tdir / "shards"
+    shards_dir = layout.shards_dir(root, teacher.name)
     shards_dir.mkdir(parents=True, exist_ok=True)
-    tmp = shards_dir / f".tmp-{shard.name}-{uuid.uuid4().hex[:8]}"
+    tmp = layout.shard_tmp_path(root, teacher.name, shard.index, uuid.uuid4().hex[:8])
     group = zarr.open_group(str(tmp), mode="w")
     specs: dict[str, FieldSpec] = {}
     arrays = dict(fields)
@@ -233,11 +169,13 @@ def write_shard(
             nbytes_disk=_dir_bytes(tmp / name),
             ragged=name in ragged_names,
         )
-    final = shards_dir / f"{shard.name}.zarr"
+    final = layout.shard_array_path(root, teacher.name, shard.index)
+    fsync_tree(tmp)  # every chunk durable before the rename that publishes them
     check_fence(root, fence_token)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(shards_dir)  # the rename itself durable before the done record
     record = DoneRecord(
         shard=shard.index,
         url=shard.url,
@@ -249,9 +187,5 @@ def write_shard(
         seconds=seconds,
         extra=dict(extra or {}),
     )
-    write_json_atomic(tdir / "done" / f"{shard.name}.json", record.to_json())
+    write_json_atomic(layout.done_path(root, teacher.name, shard.index), record.to_json())
     return record
-
-
-def shard_array_path(root: Path, teacher_name: str, shard_index: int) -> Path:
-    return teacher_dir(root, teacher_name) / "shards" / f"{shard_name(shard_index)}.zarr"

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from kdstore.cli.main import main
 from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
-from kdstore.pipeline.reduce import OutputSpec
+from kdstore.store.schema import OutputSpec
 from kdstore.pipeline.shards import expand_urls, list_shard
 from kdstore.store.errors import InputError, StoreLockedError
-from kdstore.store.writer import StoreLock, check_fence
+from kdstore.store.lock import StoreLock, check_fence
 
 
 def test_every_command_has_help():

@@ -13,12 +13,12 @@ from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
 from kdstore.pipeline.decode import decode_image
 from kdstore.pipeline.job import PrecomputeConfig, run_precompute
 from kdstore.pipeline.shards import iter_samples
-from kdstore.pipeline.worker import TeacherLoad
+from kdstore.pipeline.teacher import TeacherLoad
 from kdstore.pipeline.zoo import fashion_cnn
 from kdstore.store import open_store
 from kdstore.store.errors import InputError, StoreLockedError, StoreMismatchError, TeacherOutputError
 from kdstore.store.verify import verify_store
-from kdstore.store.writer import StoreLock
+from kdstore.store.lock import StoreLock
 
 CNN = "kdstore.pipeline.zoo:fashion_cnn"
 

@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from kdstore.cli.retrieval import index_cmd, mine_cmd, query_cmd
+from kdstore.pipeline.embed import query as embed_query
 from kdstore.pipeline.job import PrecomputeConfig, run_precompute
 from kdstore.pipeline.shards import iter_samples
 from kdstore.pipeline.text_corpus import write_text_shards
-from kdstore.pipeline.worker import TeacherLoad
+from kdstore.pipeline.teacher import TeacherLoad
 from kdstore.store import open_store
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.index import IndexSpec
@@ -93,7 +94,7 @@ def test_index_mine_query(text_store):
     assert by_vector[0].row == 5 and by_vector[0].score == pytest.approx(1.0, abs=1e-3)
     assert by_vector[1:] == [(h.row, h.key, pytest.approx(h.score, abs=1e-3), h.label) for h in first[:2]]
     # Raw text goes through the store's own teacher: an article finds itself.
-    hits = query(store, "minilm", text=texts[42], k=3)
+    hits = embed_query(store, "minilm", text=texts[42], k=3, teacher_factory="kdstore.pipeline.text_teacher:minilm")
     assert hits[0].row == 42 and hits[0].key == store.keys[42] and hits[0].label == labels[42]
     # Topic structure: most neighbours share the article's topic.
     same_topic = np.mean([h.label == labels[r] for r in range(0, 120, 6) for h in query(store, "minilm", row=r, k=5)])

@@ -50,7 +50,7 @@ def _write_tar(path: Path, images, labels, keys) -> None:
 
 def _precompute(store: Path, inputs: str, name: str, weights: Path, **kw) -> None:
     from kdstore.pipeline.job import PrecomputeConfig, run_precompute
-    from kdstore.pipeline.worker import TeacherLoad
+    from kdstore.pipeline.teacher import TeacherLoad
 
     load = TeacherLoad(factory="kdstore.pipeline.zoo:fashion_cnn", name=name, layers=("embed", "features"),
                        kwargs=(("weights", str(weights)),))

@@ -30,14 +30,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
 from kdstore.pipeline.decode import decode_field
-from kdstore.pipeline.shards import expand_urls, iter_samples, list_shard
 from kdstore.store.errors import InputError, StoreMismatchError
+from kdstore.store.hashing import mix64 as mix64_
+from kdstore.store.inputs import check_inputs, mismatch_error
+from kdstore.store.layout import VIEWS_ARRAY
 from kdstore.store.reader import Store, open_store
 from kdstore.store.schema import ShardInfo
-from kdstore.store.writer import VIEWS_ARRAY, input_fingerprint
+from kdstore.store.shards import expand_urls, iter_samples
 from kdstore.train.config import parse_labels_spec
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 # --------------------------------------------------------------------------- planning (pure)
@@ -116,14 +117,7 @@ def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndar
 
 def mix64(*parts: np.ndarray | int) -> np.ndarray:
     """splitmix64 over the given integers (broadcast): a cheap, stable per-row hash."""
-    with np.errstate(over="ignore"):
-        h = np.uint64(0x9E3779B97F4A7C15)
-        for p in parts:
-            z = (h ^ np.asarray(p, dtype=np.int64).astype(np.uint64)) + np.uint64(0x9E3779B97F4A7C15)
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            h = (z ^ (z >> np.uint64(31))) & _MASK64
-    return h
+    return mix64_(*parts)
 
 
 def labeled_mask(store: Store, shards: Sequence[ShardInfo], spec: str, seed: int) -> np.ndarray:
@@ -184,10 +178,7 @@ def resolve_inputs(store: Store, patterns: Sequence[str]) -> dict[int, str]:
     return {s.index: by_name[os.path.basename(s.url)] for s in store.shards if os.path.basename(s.url) in by_name}
 
 
-def _first_key(url: str) -> str | None:
-    for sample in iter_samples(url):
-        return sample.get("__key__")
-    return None
+INPUTS_HINT = "point data.inputs at the shards the store was built from, or precompute a new store"
 
 
 def verify_inputs(store: Store, urls: dict[int, str], shards: Sequence[ShardInfo], mode: str) -> None:
@@ -196,45 +187,13 @@ def verify_inputs(store: Store, urls: dict[int, str], shards: Sequence[ShardInfo
     ``full`` lists every key of every shard and compares it with the store (and, when all
     of the store's shards are given, recomputes the input fingerprint); ``quick`` compares
     the first key of each shard; ``off`` checks nothing here (keys are still checked while
-    streaming).
+    streaming). The check is :func:`kdstore.store.inputs.check_inputs`, shared with ``kdstore verify``.
     """
-    if mode == "off":
-        return
-    listed: dict[int, list[str]] = {}
-    for s in shards:
-        url = urls[s.index]
-        expected = list(store.keys[s.row_start : s.row_stop])
-        if mode == "quick":
-            got = _first_key(url)
-            if got != expected[0]:
-                detail = f"its first key is {got!r}, the store's is {expected[0]!r}"
-                raise StoreMismatchError(_mismatch(store, s, url, detail))
-            continue
-        keys = list_shard(url).keys
-        if keys != expected:
-            diff = next((i for i, (a, b) in enumerate(zip(keys, expected)) if a != b), min(len(keys), len(expected)))
-            detail = (
-                f"it has {len(keys)} samples, the store {len(expected)}" if len(keys) != len(expected)
-                else f"sample {diff} is {keys[diff]!r}, the store has {expected[diff]!r}"
-            )
-            raise StoreMismatchError(_mismatch(store, s, url, detail))
-        listed[s.index] = keys
-    if mode == "full" and len(listed) == len(store.shards):
-        got = input_fingerprint([s.url for s in store.shards], [listed[s.index] for s in store.shards])
-        if got != store.manifest.input_fingerprint:
-            raise StoreMismatchError(
-                f"input fingerprint {got[:19]}… differs from store {store.path}'s "
-                f"{store.manifest.input_fingerprint[:19]}…; "
-                "the store's samples.parquet does not match store.json — run `kdstore verify`"
-            )
+    check_inputs(store, shards, urls=urls, mode=mode, hint=INPUTS_HINT)
 
 
-def _mismatch(store: Store, shard: ShardInfo, url: str, detail: str) -> str:
-    return (
-        f"input shard {url} does not match store {store.path} (shard {shard.index}, {shard.url}): {detail}. "
-        "The shards changed since `kdstore precompute`: point data.inputs at the shards the store was built "
-        "from, or precompute a new store"
-    )
+def _mismatch(store: Store, shard: ShardInfo, url: str, detail: str) -> StoreMismatchError:
+    return mismatch_error(store, shard, url, detail, INPUTS_HINT)
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -550,7 +509,7 @@ class StreamingDataset(IterableDataset):
                 got = sample.get("__key__") if i < shard.num_rows else "an extra sample"
                 expected = keys[shard.row_start + i] if i < shard.num_rows else "the end of the shard"
                 detail = f"sample {i} is {got!r}, expected {expected!r}"
-                raise StoreMismatchError(_mismatch(self.store, shard, seg.url, detail))
+                raise _mismatch(self.store, shard, seg.url, detail)
             if i in wanted:
                 image = decode_field(sample, self.input_key)
                 if not isinstance(image, torch.Tensor):
@@ -561,7 +520,7 @@ class StreamingDataset(IterableDataset):
             if i >= last:
                 return
         detail = f"it ends after {i + 1} samples, the store has {shard.num_rows}"
-        raise StoreMismatchError(_mismatch(self.store, shard, seg.url, detail))
+        raise _mismatch(self.store, shard, seg.url, detail)
 
 
 def _blank(template: dict) -> dict:

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdstore.pipeline.reduce import OutputSpec, reduce_outputs
-from kdstore.pipeline.worker import TeacherLoad
+from kdstore.pipeline.reduce import reduce_outputs
+from kdstore.pipeline.teacher import TeacherLoad
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.reader import Store
 from kdstore.train.config import OnlineConfig
@@ -44,7 +44,7 @@ class OnlineTargets:
             )
         self.name = cfg.teacher
         self.fields = sorted(need.get(cfg.teacher, ()))
-        self.specs = [OutputSpec.parse(o) for o in spec.outputs]
+        self.specs = list(spec.outputs)
         self.temperature = spec.temperature
         self.dtype = np.dtype(spec.dtype)
 

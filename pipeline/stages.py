@@ -1,0 +1,227 @@
+"""One shard through one teacher as a chain of small stages (read → preprocess → views → batch
+→ forward → reduce → collect → write), each a generator over the previous one.
+
+The error policy is a handler passed in (as webdataset does): a stage that meets a bad
+sample calls ``handler(SampleError)``; :func:`fail_handler` raises it, :func:`skip_handler`
+records it and the stage goes on. Errors that no policy may skip (the shard changed since
+planning, a teacher output of the wrong shape) are raised directly.
+
+To add an input type: the teacher's ``preprocess`` turns the sample's bytes into one model
+input (``kdstore.pipeline.decode.decode_field`` knows the extensions); nothing here changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
+from kdstore.pipeline.reduce import bad_rows, reduce_outputs
+from kdstore.pipeline.teacher import Teacher
+from kdstore.store.errors import InputError, KdStoreError, TeacherOutputError
+from kdstore.store.schema import ShardInfo, TeacherSpec
+from kdstore.store.shards import iter_samples
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """One sample a stage could not use: its shard row, key, why, and the error type to raise."""
+
+    shard: ShardInfo
+    row: int
+    key: str
+    reason: str
+    error: type[KdStoreError] = InputError
+
+    def exception(self) -> KdStoreError:
+        return self.error(f"shard {self.shard.url} key {self.key!r}: {self.reason}")
+
+
+Handler = Callable[[SampleError], None]
+
+
+def fail_handler(err: SampleError) -> None:
+    """``--on-error fail``: the first bad sample stops the shard."""
+    raise err.exception()
+
+
+def skip_handler(skipped: list[dict]) -> Handler:
+    """``--on-error skip``: record ``{"row", "key", "reason"}`` (store row) in ``skipped`` and go on."""
+
+    def handle(err: SampleError) -> None:
+        skipped.append({"row": err.shard.row_start + err.row, "key": err.key, "reason": err.reason})
+
+    return handle
+
+
+def error_handler(on_error: str, skipped: list[dict]) -> Handler:
+    if on_error == "fail":
+        return fail_handler
+    if on_error == "skip":
+        return skip_handler(skipped)
+    raise InputError(f"--on-error must be fail or skip, got {on_error!r}")
+
+
+@dataclass
+class Batch:
+    """Rows of one teacher call: ``inputs`` holds ``len(rows) * max(1, views)`` model inputs."""
+
+    rows: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def read(shard: ShardInfo, keys: list[str]) -> Iterator[tuple[int, str, dict]]:
+    """``(row in shard, key, sample)`` in tar order; refuses a shard that changed since planning."""
+    n = shard.num_rows
+    seen = 0
+    for row, sample in enumerate(iter_samples(shard.url)):
+        key = sample.get("__key__", "")
+        if row >= n or key != keys[row]:
+            expected = keys[row] if row < n else "<end of shard>"
+            raise InputError(
+                f"shard {shard.url} changed since the store was planned: row {row} is {key!r}, expected {expected!r}"
+            )
+        seen += 1
+        yield row, key, sample
+    if seen != n:
+        raise InputError(f"shard {shard.url} changed since the store was planned: {seen} samples, planned {n}")
+
+
+def preprocess(
+    samples: Iterable[tuple[int, str, dict]], teacher: Teacher, shard: ShardInfo, handler: Handler
+) -> Iterator[tuple[int, str, Any]]:
+    """``(row, key, model input)``; a sample the teacher cannot read goes to ``handler``."""
+    for row, key, sample in samples:
+        try:
+            x = teacher.preprocess(sample)
+        except KdStoreError as exc:
+            handler(SampleError(shard, row, key, str(exc)))
+            continue
+        yield row, key, x
+
+
+def views(
+    items: Iterable[tuple[int, str, Any]], spec: TeacherSpec, params: np.ndarray | None
+) -> Iterator[tuple[int, str, list[Any]]]:
+    """``(row, key, inputs)``: the input itself, or its ``spec.views`` augmented views.
+
+    With views, each view's ``(top, left, h, w, flip)`` is written to ``params[row, v]``.
+    """
+    augment = AugmentSpec.parse(spec.augment) if spec.views else None
+    for row, key, x in items:
+        if not spec.views:
+            yield row, key, [x]
+            continue
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            raise InputError("--views needs a teacher whose preprocess returns an image tensor [C, H, W]")
+        out = []
+        for v in range(spec.views):
+            p = view_params(augment, seed=spec.seed, key=key, view=v, height=x.shape[1], width=x.shape[2])
+            params[row, v] = p
+            out.append(apply_view(x, p))
+        yield row, key, out
+
+
+def batched(items: Iterable[tuple[int, str, list[Any]]], batch_size: int) -> Iterator[Batch]:
+    """Batches of ``batch_size`` rows (the last may be shorter; none is empty)."""
+    batch = Batch()
+    for row, key, inputs in items:
+        batch.rows.append(row)
+        batch.keys.append(key)
+        batch.inputs.extend(inputs)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = Batch()
+    if batch:
+        yield batch
+
+
+def forward(
+    batches: Iterable[Batch], teacher: Teacher, *, device: str = "cpu", amp: bool = False
+) -> Iterator[tuple[Batch, dict[str, Any]]]:
+    """``(batch, raw teacher outputs)``; outputs have leading dim ``len(batch.inputs)``."""
+    for batch in batches:
+        with torch.autocast(device_type=torch.device(device).type, enabled=amp):
+            raw = teacher.forward(batch.inputs)
+        yield batch, raw
+
+
+@dataclass
+class Reduced:
+    """One batch's stored fields ``[len(batch) * max(1, V), ...]`` and ``bad [len(batch)]`` rows (NaN/inf)."""
+
+    batch: Batch
+    fields: dict[str, Any]
+    bad: np.ndarray
+
+
+def reduce(
+    items: Iterable[tuple[Batch, dict[str, Any]]], spec: TeacherSpec, shard: ShardInfo
+) -> Iterator[Reduced]:
+    """Map raw outputs to the stored fields of ``spec.outputs``, and flag rows with NaN/inf."""
+    width = max(1, spec.views)
+    dtype = np.dtype(spec.dtype)
+    for batch, raw in items:
+        b = len(batch) * width
+        try:
+            bad = bad_rows(raw, b)
+            fields = reduce_outputs(raw, list(spec.outputs), batch_size=b, temperature=spec.temperature, dtype=dtype)
+        except TeacherOutputError as exc:
+            raise TeacherOutputError(f"shard {shard.url} keys {batch.keys[0]!r}..{batch.keys[-1]!r}: {exc}") from None
+        yield Reduced(batch, fields, bad.reshape(len(batch), width).any(1).numpy())
+
+
+@dataclass
+class ShardArrays:
+    """The shard's columns as they fill: dense ``fields [n, (V,) ...]``, per-token ``ragged``, ``valid [n]``."""
+
+    shard: ShardInfo
+    views: int
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
+    ragged: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    valid: np.ndarray = None  # type: ignore[assignment]
+    params: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = self.shard.num_rows
+        self.valid = np.zeros(n, dtype=bool)
+        self.params = np.zeros((n, self.views, 5), dtype=np.int32) if self.views else None
+
+
+def collect(
+    items: Iterable[Reduced], arrays: ShardArrays, handler: Handler, on_batch: Callable[[int], None] | None = None
+) -> ShardArrays:
+    """Place each batch's good rows into ``arrays``; bad rows go to ``handler``."""
+    shard, views, n = arrays.shard, arrays.views, arrays.shard.num_rows
+    for item in items:
+        batch, bad = item.batch, item.bad
+        rows = np.asarray(batch.rows)
+        for name, value in item.fields.items():
+            if isinstance(value, list):  # per-token output: one [len_i, ...] array per row
+                column = arrays.ragged.setdefault(name, [None] * n)
+                for i in np.nonzero(~bad)[0]:
+                    column[rows[i]] = value[i]
+                continue
+            value = value.reshape(len(batch), views, *value.shape[1:]) if views else value
+            if name not in arrays.fields:
+                arrays.fields[name] = np.zeros((n, *value.shape[1:]), dtype=value.dtype)
+            elif arrays.fields[name].shape[1:] != value.shape[1:]:
+                raise TeacherOutputError(
+                    f"shard {shard.url} key {batch.keys[0]!r}: teacher output {name} changed shape "
+                    f"from {arrays.fields[name].shape[1:]} to {value.shape[1:]}"
+                )
+            arrays.fields[name][rows[~bad]] = value[~bad]
+        arrays.valid[rows[~bad]] = True
+        if on_batch is not None:
+            on_batch(len(batch))
+        for i in np.nonzero(bad)[0]:
+            handler(SampleError(shard, int(rows[i]), batch.keys[i], "teacher output has NaN or inf", TeacherOutputError))
+    return arrays

@@ -1,0 +1,157 @@
+"""Input shards, the inputs a store is planned from: expanding URL patterns, listing keys, iterating samples.
+
+A shard is a WebDataset tar (local path or fsspec URL). Samples are dicts of raw bytes
+keyed by extension, plus ``__key__``; nothing is decoded here. It lives in the store
+package because planning, ``verify`` and the trainer all compare shards with a store's
+keys (:mod:`kdstore.store.inputs`); ``kdstore.pipeline.shards`` re-exports it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import fsspec
+from webdataset import tariterators
+from webdataset.shardlists import expand_urls as _wds_expand
+
+from kdstore.store.errors import InputError
+
+LABEL_EXTENSIONS = ("cls", "label")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardListing:
+    """What the planning pass learns about one shard without running any teacher."""
+
+    url: str
+    keys: list[str]
+    labels: list[int | None]
+
+
+def _has_scheme(url: str) -> bool:
+    return "://" in url
+
+
+def expand_urls(patterns: Sequence[str] | str) -> list[str]:
+    """Expand brace patterns (``train-{000000..000011}.tar``), globs and ``::``-joined lists.
+
+    Returns URLs in the given order, each pattern's matches sorted. A glob that matches
+    nothing is an :class:`InputError`; a brace pattern is expanded as written (a missing
+    shard is reported when it is opened).
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in _wds_expand(pattern):
+            if any(ch in url for ch in "*?["):
+                if _has_scheme(url):
+                    fs, path = fsspec.core.url_to_fs(url)
+                    matches = sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
+                else:
+                    matches = sorted(glob.glob(os.path.expanduser(url)))
+                if not matches:
+                    raise InputError(f"no shard matches {url!r}")
+                urls.extend(matches)
+            else:
+                urls.append(url)
+    if not urls:
+        raise InputError("no input shards given")
+    duplicates = {u for u in urls if urls.count(u) > 1}
+    if duplicates:
+        raise InputError(f"shard listed twice: {sorted(duplicates)[0]}")
+    return urls
+
+
+def _open(url: str):
+    try:
+        return fsspec.open(url, "rb").open()
+    except FileNotFoundError:
+        raise InputError(f"shard {url}: not found") from None
+    except OSError as exc:
+        raise InputError(f"shard {url}: cannot open ({exc})") from None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's key convention: the key is the path up to the first dot of the basename."""
+    head, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+class _CountingReader:
+    """File-like wrapper that counts the bytes handed to tarfile (to detect truncation)."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.bytes_read += len(data)
+        return data
+
+
+def list_shard(url: str) -> ShardListing:
+    """List every key (and label, when a ``.cls`` member exists) of one shard, in tar order."""
+    keys: list[str] = []
+    labels: list[int | None] = []
+    index: dict[str, int] = {}
+    last_key = None
+    try:
+        with _open(url) as raw, tarfile.open(fileobj=(stream := _CountingReader(raw)), mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if key.startswith("__"):
+                    continue
+                if key != last_key and key in index:
+                    raise InputError(f"shard {url}: key {key!r} is split across the tar")
+                last_key = key
+                if key not in index:
+                    index[key] = len(keys)
+                    keys.append(key)
+                    labels.append(None)
+                if ext in LABEL_EXTENSIONS:
+                    data = tar.extractfile(member)
+                    text = data.read() if data is not None else b""
+                    try:
+                        labels[index[key]] = int(text.decode().strip())
+                    except ValueError:
+                        raise InputError(f"shard {url}: key {key!r}: label {text[:20]!r} is not an integer") from None
+            # tarfile ends quietly on a short file; a complete tar holds every member's data
+            # plus an end-of-archive block after the last member.
+            stream.read()
+            if stream.bytes_read < tar.offset + tarfile.BLOCKSIZE:
+                raise InputError(f"shard {url}: truncated tar (ends inside or right after member {member.name!r})")
+    except InputError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"shard {url}: unreadable tar ({exc or type(exc).__name__})") from None
+    if not keys:
+        raise InputError(f"shard {url}: no samples")
+    return ShardListing(url=url, keys=keys, labels=labels)
+
+
+def iter_samples(url: str) -> Iterator[dict]:
+    """Yield samples ``{"__key__": str, ext: bytes, ...}`` of one shard in tar order."""
+    try:
+        with _open(url) as stream:
+            files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(stream))
+            yield from tariterators.group_by_keys(files)
+    except InputError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"shard {url}: unreadable tar ({exc or type(exc).__name__})") from None
+
+
+def read_label(sample: dict) -> int | None:
+    for ext in LABEL_EXTENSIONS:
+        if ext in sample:
+            return int(bytes(sample[ext]).decode().strip())
+    return None
