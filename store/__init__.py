@@ -8,6 +8,7 @@ from kdstore.store.errors import (
     StoreMismatchError,
     TeacherOutputError,
 )
+from kdstore.store.lock import store_lock
 from kdstore.store.reader import Store, TeacherData, open_store
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "TeacherData",
     "TeacherOutputError",
     "open_store",
+    "store_lock",
 ]

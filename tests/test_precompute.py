@@ -17,8 +17,8 @@ from kdstore.pipeline.teacher import TeacherLoad
 from kdstore.pipeline.zoo import fashion_cnn
 from kdstore.store import open_store
 from kdstore.store.errors import InputError, StoreLockedError, StoreMismatchError, TeacherOutputError
-from kdstore.store.verify import verify_store
 from kdstore.store.lock import StoreLock
+from kdstore.store.verify import verify_store
 
 CNN = "kdstore.pipeline.zoo:fashion_cnn"
 

@@ -241,3 +241,26 @@ def test_query_vector_and_row_need_no_factory(evil_store):
                                     "-k", "1", "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output.splitlines()[0])["row"] == 3 and not marker.exists()
+
+
+# ------------------------------------------------------------------ the store's vocabulary (issue 10 item 1)
+
+
+def test_teacher_spec_holds_parsed_outputs():
+    from kdstore.store.errors import InputError, StoreCorruptError
+    from kdstore.store.schema import TOPK_RESIDUAL, TOPK_VALUES, OutputSpec
+
+    doc = {"name": "t", "fingerprint": "sha256:x", "outputs": ["logits", "topk:5", "features:embed:mean"],
+           "temperature": 4.0, "dtype": "float16"}
+    spec = TeacherSpec.from_json(doc)
+    assert all(isinstance(o, OutputSpec) for o in spec.outputs)
+    topk = spec.output("topk")
+    assert topk == OutputSpec(kind="topk", k=5) and topk.temperature == 4.0
+    assert spec.output(TOPK_RESIDUAL) is topk and topk.fields()[0] == TOPK_VALUES
+    assert spec.fields() == ["logits", "topk/values", "topk/indices", "topk/residual", "features/embed"]
+    assert TeacherSpec.from_json(spec.to_json()) == spec and spec.to_json()["outputs"] == [
+        "logits", "topk:5", "features:embed:mean"]
+    with pytest.raises(InputError, match="no output 'embedding'"):
+        spec.output("embedding")
+    with pytest.raises(StoreCorruptError, match="teacher.json"):
+        TeacherSpec.from_json({**doc, "outputs": ["topk:zero"]})

@@ -40,7 +40,6 @@ from kdstore.store.shards import expand_urls, iter_samples
 from kdstore.train.config import parse_labels_spec
 
 
-
 # --------------------------------------------------------------------------- planning (pure)
 
 
