@@ -138,12 +138,6 @@ class TeacherData:
             raise InputError(f"teacher {self.name} was precomputed without augmentation views")
         return self.read_shard(VIEWS_ARRAY, shard_index)
 
-    def view_params_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """``[len(rows), V, 5]`` int32 view parameters of any rows (one contiguous read per shard)."""
-        if not self.views:
-            raise InputError(f"teacher {self.name} was precomputed without augmentation views")
-        return self.read(VIEWS_ARRAY, rows)
-
     def skipped(self) -> list[dict]:
         return [s for r in self.done_records().values() for s in r.skipped]
 
