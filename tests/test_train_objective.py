@@ -74,7 +74,10 @@ def st(tmp_path_factory, ray_session):
     for seed in (0, 1):
         torch.manual_seed(seed)
         weights.append(root / f"cnn{seed}.pt")
-        torch.save(FashionCNN().state_dict(), weights[-1])
+        model = FashionCNN()
+        with torch.no_grad():  # confident, row-dependent predictions: sample weights and temperatures matter
+            model.head.weight.mul_(30.0)
+        torch.save(model.state_dict(), weights[-1])
     inputs = str(data / "train-{000000..000001}.tar")
     store = root / "store"
     _precompute(store, inputs, "cnn", weights[0], temperature=STORED_T,
@@ -209,7 +212,7 @@ def test_each_loss_kind_matches_a_hand_computation_through_the_trainer(st, tmp_p
 
     wrong = [(term["kind"], parts[f"loss/{i}.{term['kind']}"], expected[i]) for i, term in enumerate(terms)
              if not math.isclose(parts[f"loss/{i}.{term['kind']}"], expected[i], rel_tol=2e-4, abs_tol=1e-5)]
-    assert not wrong, wrong
+    assert not wrong, f"wrong kinds {[w[0] for w in wrong]}: {wrong}"
     hand_total = sum(term.get("weight", 1.0) * expected[i] for i, term in enumerate(terms))
     assert math.isclose(float(total), hand_total, rel_tol=2e-4)
 
