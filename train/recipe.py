@@ -1,8 +1,10 @@
 """The training recipe: setup / train / cleanup, driven by one validated :class:`Config`.
 
-Owns the run around the losses: distributed setup (``torchrun`` → DDP, gloo on CPU, nccl on
-CUDA), AMP on CUDA, the optimiser and schedule, atomic checkpoints that hold the stream
-position, the JSONL metrics log, evaluation, and the summary. The step is the stream
+Owns the run: distributed setup (``torchrun`` → DDP, gloo on CPU, nccl on CUDA), AMP on
+CUDA, the optimiser and schedule, the train loop, checkpoints that hold the stream position
+(file I/O and the ``out_dir`` rules in :mod:`~kdstore.train.checkpoint`), the JSONL metrics
+log and evaluation (:mod:`~kdstore.train.evaluate`). The objective is
+:mod:`~kdstore.train.objective`, the model :func:`~kdstore.train.models.build_model`. The step is the stream
 position: every rank runs the same number of batches per epoch (``StreamingDataset``), so
 ``epoch, batches_done = divmod(step, steps_per_epoch)``, and resuming replays the exact stream.
 """
@@ -32,10 +34,10 @@ from kdstore.store.errors import InputError
 from kdstore.store.reader import open_store
 from kdstore.store.schema import write_json_atomic
 from kdstore.train import checkpoint as ck
-from kdstore.train import losses as L
 from kdstore.train.checkpoint import CHECKPOINT_DIR, METRICS_FILE  # noqa: F401 (re-exported)
-from kdstore.train.config import Config, ModelConfig, OptimConfig, parse_config
-from kdstore.train.dataset import InputCache, StreamingDataset, collate, select_shards
+from kdstore.train.config import Config, OptimConfig, parse_config
+from kdstore.train.dataset import InputCache, StreamingDataset, collate
+from kdstore.train.evaluate import eval_dataset, eval_teacher, predict, summarize_predictions
 from kdstore.train.mined import MinedNegatives
 from kdstore.train.models import build_model
 from kdstore.train.objective import KINDS, compute_loss, logits_field, resolve_terms, target_field
@@ -222,29 +224,11 @@ class Recipe:
                 torch.backends.cudnn.benchmark = False
 
     def _eval_teacher(self) -> str | None:
-        for term in self.cfg.loss:
-            for name in term.teacher_names:
-                if logits_field() in self.store.teacher(name).fields:
-                    return name
-        for name in self.store.teachers:
-            t = self.store.teacher(name)
-            if logits_field() in t.fields:
-                return name
-        return None
+        return eval_teacher(self.store, self.cfg.loss)
 
     def _eval_set(self, cache: InputCache | None) -> StreamingDataset:
-        d = self.cfg.data
-        shards = select_shards(self.store, d.eval_shards)
-        teacher = self._eval_teacher()
-        fields = {}
-        if teacher:
-            missing = set(self.store.teacher(teacher).missing_shards())
-            if not any(s.index in missing for s in shards):
-                fields = {teacher: [logits_field()]}
-        return StreamingDataset(self.store, shards=d.eval_shards, fields=fields, inputs=d.inputs, input_key=d.input_key,
-                                labels="all", shuffle=False, replay_views=False, rank=0, world_size=1,
-                                loader_workers=0, loader_batch_size=d.batch_size, cache=cache,
-                                verify=d.verify_inputs if self.is_main else "off")
+        return eval_dataset(self.store, self.cfg.data, self._eval_teacher(), cache,
+                            verify=self.cfg.data.verify_inputs if self.is_main else "off")
 
     def _num_classes(self) -> int:
         eval_teacher = self._eval_teacher()
@@ -431,32 +415,10 @@ class Recipe:
             dist.barrier()
         return result
 
-    @torch.inference_mode()
     def predict(self, dataset: StreamingDataset | None = None) -> dict[str, np.ndarray]:
-        """Run the student over an evaluation stream: ``logits [n, k]`` (+ ``kd_logits``), ``labels [n]``,
-        ``teacher [n, k]`` (stored logits, mean over views; absent when the store has none), ``rows [n]``."""
-        dataset = dataset or self.eval_set
-        was = self.model.training
-        self.model.eval()
-        chunks: dict[str, list] = {}
-        loader = DataLoader(dataset, batch_size=self.cfg.data.batch_size, num_workers=0, collate_fn=collate)
-        dataset.set_epoch(0)
-        dataset.set_resume(0)
-        teacher = next(iter(dataset.fields), None)
-        for batch in loader:
-            keep = ~batch["pad"]
-            with self._autocast():
-                out = self.model.student(batch["input"].to(self.device))
-            for name in ("logits", "kd_logits"):
-                if name in out:
-                    chunks.setdefault(name, []).append(out[name].float().cpu()[keep])
-            chunks.setdefault("labels", []).append(batch["label"][keep])
-            chunks.setdefault("rows", []).append(batch["row"][keep])
-            if teacher:
-                t = batch["targets"][teacher][logits_field()].float()
-                chunks.setdefault("teacher", []).append((t.mean(1) if t.dim() == 3 else t)[keep])
-        self.model.train(was)
-        return {k: torch.cat(v).numpy() for k, v in chunks.items()}
+        """The student over an evaluation stream (default: ``data.eval_shards``); see :func:`predict`."""
+        return predict(self.model.student, dataset or self.eval_set, batch_size=self.cfg.data.batch_size,
+                       device=self.device, autocast=self._autocast)
 
     def evaluate(self, dataset: StreamingDataset | None = None) -> dict:
         """Accuracy (and, with a teacher in the store, agreement with it and its own accuracy)."""
@@ -466,27 +428,6 @@ class Recipe:
     def cleanup(self) -> None:
         if getattr(self, "started_dist", False) and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def summarize_predictions(p: dict[str, np.ndarray], dho: ModelConfig | None = None) -> dict:
-    """Accuracy of the student's prediction (DHO: the heads combined with ``dho.dho_alpha/beta``)."""
-    labels = p["labels"]
-    if dho is not None and "kd_logits" in p:
-        ce, kd = torch.from_numpy(p["logits"]), torch.from_numpy(p["kd_logits"])
-        probs = L.dho_combine(ce, kd, dho.dho_alpha, dho.dho_beta)
-        pred = probs.argmax(1).numpy()
-    else:
-        pred = p["logits"].argmax(1)
-    has = labels >= 0
-    out = {"samples": int(len(labels)), "accuracy": float((pred[has] == labels[has]).mean()) if has.any() else None}
-    if "kd_logits" in p:
-        out["accuracy_ce_head"] = float((p["logits"].argmax(1)[has] == labels[has]).mean())
-        out["accuracy_kd_head"] = float((p["kd_logits"].argmax(1)[has] == labels[has]).mean())
-    if "teacher" in p:
-        t_pred = p["teacher"].argmax(1)
-        out["teacher_agreement"] = float((pred == t_pred).mean())
-        out["teacher_accuracy"] = float((t_pred[has] == labels[has]).mean()) if has.any() else None
-    return out
 
 
 def run(cfg: Config, *, resume: bool | str | Path = False, overwrite: bool = False,
