@@ -57,7 +57,8 @@ class DataConfig:
         _check(bool(self.train_shards), "data.train_shards must name at least one shard (index, URL substring or A..B)")
         _check(self.verify_inputs in ("full", "quick", "off"),
                f"data.verify_inputs must be full, quick or off, got {self.verify_inputs!r}")
-        _check(isinstance(self.labels, LabelsSpec), "data.labels must be a LabelsSpec (parse_config parses the text)")
+        if not isinstance(self.labels, LabelsSpec):  # the text, from Python: parsed here, once
+            object.__setattr__(self, "labels", LabelsSpec.parse(self.labels))
 
 
 @dataclass(frozen=True, kw_only=True)
