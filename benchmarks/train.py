@@ -65,7 +65,7 @@ def epoch_seconds(args: argparse.Namespace, losses: list[dict], online: dict | N
         doc["online"] = online
     recipe = Recipe(parse_config(doc))
     try:
-        recipe.setup()
+        recipe.setup(overwrite=True)  # every round reuses the folder of its run
         result = recipe.train()
     finally:
         recipe.cleanup()

@@ -227,28 +227,13 @@ def verify_cmd(store_path: Path, shards: tuple[str, ...], skip_inputs: bool) -> 
     sys.exit(1)
 
 
-def _register_optional() -> None:
-    """Commands that live in their own modules (retrieval, training, quickstart)."""
-    import importlib
+# The subcommands that live in their own modules (imported after info_cmd, which quickstart reuses).
+from kdstore.cli.quickstart import quickstart_cmd  # noqa: E402
+from kdstore.cli.retrieval import index_cmd, mine_cmd, query_cmd  # noqa: E402
+from kdstore.cli.train import train_cmd  # noqa: E402
 
-    for module_name, names in (
-        ("kdstore.cli.retrieval", ("index_cmd", "mine_cmd", "query_cmd")),
-        ("kdstore.cli.train", ("train_cmd",)),
-        ("kdstore.cli.quickstart", ("quickstart_cmd",)),
-    ):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        for name in names:
-            cmd = getattr(module, name, None)
-            if cmd is not None:
-                main.add_command(cmd)
-
-
-_register_optional()
+for _cmd in (index_cmd, mine_cmd, query_cmd, train_cmd, quickstart_cmd):
+    main.add_command(_cmd)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 
 from kdstore.cli.common import user_errors
-from kdstore.cli.main import info_cmd
 
 
 @click.command("quickstart")
@@ -26,6 +25,7 @@ from kdstore.cli.main import info_cmd
 @user_errors
 def quickstart_cmd(ctx: click.Context, workdir: Path, teacher_seconds: float, workers: int, skip_student: bool, seeds: int) -> None:
     """Run the whole flow on Fashion-MNIST with a local Ray and a local store under WORKDIR."""
+    from kdstore.cli.main import info_cmd
     from kdstore.pipeline.datasets import fashion_mnist_shards
     from kdstore.pipeline.job import PrecomputeConfig, run_precompute
     from kdstore.pipeline.teacher import TeacherLoad

@@ -18,23 +18,29 @@ from kdstore.cli.common import user_errors
 @click.option("--out", "out_dir", default=None, help="Shortcut for --set train.out_dir=DIR.")
 @click.option("--seed", type=int, default=None, help="Shortcut for --set train.seed=N.")
 @click.option("--epochs", type=int, default=None, help="Shortcut for --set train.epochs=N.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in train.out_dir.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest checkpoint in train.out_dir (its config must match this one).")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in a non-empty train.out_dir: delete the files an earlier run wrote there first.")
 @click.option("--resume-from", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Continue from this checkpoint file.")
 @click.option("--print-config", is_flag=True, help="Print the validated config as JSON and exit.")
 @click.option("--no-progress", is_flag=True)
 @user_errors
-def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, resume_from, print_config, no_progress) -> None:
+def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, overwrite, resume_from, print_config,
+              no_progress) -> None:
     """Train a student from a store, driven by a TOML (or YAML) CONFIG file.
 
     \b
     Run on more processes with torchrun (DDP; gloo on CPU, nccl on CUDA):
       torchrun --nproc_per_node 2 -m kdstore.cli.main train configs/fashion_few_labels_kd.toml
-    Writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/student.pt and OUT/summary.json.
+    Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/student.pt and OUT/summary.json;
+    a non-empty OUT is refused unless --resume or --overwrite is given.
     """
     from kdstore.store.lock import store_lock
     from kdstore.train.config import load_config
-    from kdstore.train.recipe import Recipe, print_summary
+    from kdstore.cli.summary import print_summary
+    from kdstore.train.recipe import run
 
     extra = list(overrides)
     for name, value in (("data.store", store), ("train.out_dir", out_dir), ("train.seed", seed), ("train.epochs", epochs)):
@@ -47,11 +53,4 @@ def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, resume_fr
         click.echo(json.dumps(cfg.to_dict(), indent=1))
         return
     with store_lock(cfg.data.store, shared=True):  # precompute --overwrite is refused meanwhile
-        recipe = Recipe(cfg)
-        try:
-            recipe.setup(resume=resume_from or resume)
-            result = recipe.train()
-            if recipe.is_main:
-                print_summary(recipe, result)
-        finally:
-            recipe.cleanup()
+        run(cfg, resume=resume_from or resume, overwrite=overwrite, on_done=print_summary)

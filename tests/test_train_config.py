@@ -95,3 +95,33 @@ def test_apply_overrides_creates_missing_sections():
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.loss and cfg.data.store
+
+
+def test_labels_are_parsed_once_into_a_frozen_spec():
+    import subprocess
+    import sys
+
+    from kdstore.train.config import LabelsSpec
+
+    cfg = parse_config(BASE)
+    assert cfg.data.labels == LabelsSpec(kind="per_class", count=100)
+    assert cfg.to_dict()["data"]["labels"] == "per_class:100"  # config.json keeps the text
+    assert str(LabelsSpec.parse("keys:/tmp/k.txt")) == "keys:/tmp/k.txt"
+    # The dataset takes the parsed spec and needs nothing from the config module.
+    code = "import sys, kdstore.train.dataset; print('kdstore.train.config' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_the_loss_kind_table_drives_validation_and_fields():
+    from kdstore.train.config import LossConfig
+    from kdstore.train.objective import KINDS
+
+    settings = {f for f in LossConfig.__dataclass_fields__}
+    for kind in KINDS.values():
+        assert set(kind.settings) <= settings and {s for s, _ in kind.required} <= settings, kind.name
+    cfg = parse_config({"data": {"store": "/s"}, "loss": [{"kind": "topk_kd", "teacher": "t"},
+                                                          {"kind": "embedding", "teacher": "u", "sample_weights": "entropy"}]})
+    assert cfg.loss[0].temperature is None  # the stored temperature is looked up at setup
+    assert cfg.teachers() == {"t": {"topk/values", "topk/indices", "topk/residual"}, "u": {"embedding", "scores/entropy"}}
+    with pytest.raises(InputError, match="loss contrastive: name the mined negatives"):
+        parse_config({"data": {"store": "/s"}, "loss": [{"kind": "contrastive", "teacher": "t"}]})

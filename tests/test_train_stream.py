@@ -396,14 +396,14 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(kd, tmp_path)
     assert proc.returncode == -9, proc.stderr[-2000:]
     ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt"))
     assert ckpts[-1] == "step-000000027.pt" and not (tmp_path / "killed" / "student.pt").exists()
-    state = torch.load(tmp_path / "killed" / "checkpoints" / ckpts[-1], weights_only=False)
+    state = torch.load(tmp_path / "killed" / "checkpoints" / ckpts[-1], weights_only=True)
     # 2 workers × ceil(200 / 16) = 26 steps per epoch: step 27 is 1 batch into epoch 1.
     assert state["position"]["epoch"] == 1 and state["position"]["batches_done"] == 1
     proc = subprocess.run([sys.executable, str(script), json.dumps(doc), "-1", "1"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a = torch.load(tmp_path / "ref" / "student.pt")
-    b = torch.load(tmp_path / "killed" / "student.pt")
+    a = torch.load(tmp_path / "ref" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "student.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in log if "loss" in r]
@@ -471,9 +471,10 @@ def test_contrastive_term_uses_mined_negatives_from_the_config(kd, tmp_path):
     from kdstore.store.index import IndexSpec
     from kdstore.store.mine import MineSpec
     from kdstore.store.retrieval import mine_store
-    from kdstore.train.recipe import MinedNegatives, compute_loss
     from kdstore.train import losses as L
     from kdstore.train.config import LossConfig
+    from kdstore.train.mined import MinedNegatives
+    from kdstore.train.objective import compute_loss
 
     path, _ = mine_store(kd["store"], "cnn", "embedding", MineSpec(num_negatives=4, range_max=20), name="hn",
                          index_spec=IndexSpec(kind="flat"), progress=False)

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from kdstore.store.errors import InputError
+from kdstore.train.labels import LabelsSpec
+from kdstore.train.objective import KINDS, LOSS_KINDS, check_term, check_terms, term_fields
 
-LOSS_KINDS = ("ce", "kd", "topk_kd", "feature", "embedding", "dho", "multi_kd", "contrastive")
+__all__ = ["LOSS_KINDS", "Config", "DataConfig", "LabelsSpec", "LossConfig", "ModelConfig", "OnlineConfig", "OptimConfig",
+           "TrainConfig", "apply_overrides", "load_config", "parse_config", "read_config_file"]
 ARCHS = ("mlp", "cnn")
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "sgd")
@@ -38,7 +41,7 @@ class DataConfig:
     eval_shards: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
     input_key: str = ""
-    labels: str = "all"
+    labels: LabelsSpec = LabelsSpec()  # TOML text all | none | per_class:N | count:N | keys:PATH
     labels_seed: int = 0
     only_labeled: bool = False
     batch_size: int = 256
@@ -54,7 +57,8 @@ class DataConfig:
         _check(bool(self.train_shards), "data.train_shards must name at least one shard (index, URL substring or A..B)")
         _check(self.verify_inputs in ("full", "quick", "off"),
                f"data.verify_inputs must be full, quick or off, got {self.verify_inputs!r}")
-        parse_labels_spec(self.labels)
+        if not isinstance(self.labels, LabelsSpec):  # the text, from Python: parsed here, once
+            object.__setattr__(self, "labels", LabelsSpec.parse(self.labels))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +150,7 @@ class LossConfig:
     weight: float = 1.0
     teacher: str = ""
     teachers: tuple[str, ...] = ()
-    temperature: float = 1.0
+    temperature: float | None = None  # None: the stored one (topk_kd), else 1.0
     alpha: float = 0.5
     field: str = ""
     student_layer: str = "embedding"
@@ -160,26 +164,21 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         kinds = ", ".join(LOSS_KINDS)
-        _check(self.kind in LOSS_KINDS, f"loss.kind must be one of {kinds}, got {self.kind!r}")
+        _check(self.kind in KINDS, f"loss.kind must be one of {kinds}, got {self.kind!r}")
         _check(self.weight >= 0, f"loss {self.kind}: weight must be >= 0")
-        _check(self.temperature > 0, f"loss {self.kind}: temperature must be > 0")
+        _check(self.temperature is None or self.temperature > 0, f"loss {self.kind}: temperature must be > 0")
         _check(0.0 <= self.alpha <= 1.0, f"loss {self.kind}: alpha must be in [0, 1]")
         _check(self.metric in ("mse", "cosine"), f"loss {self.kind}: metric must be mse or cosine")
         _check(self.sample_weights in ("", "max_prob", "entropy"),
                f"loss {self.kind}: sample_weights must be '', max_prob or entropy, got {self.sample_weights!r}")
         _check(self.combine in ("fixed", "confidence"), f"loss {self.kind}: combine must be fixed or confidence")
-        needs_teacher = self.kind in ("kd", "topk_kd", "feature", "embedding", "dho", "contrastive")
-        _check(not needs_teacher or bool(self.teacher), f"loss {self.kind}: name its teacher (teacher = \"NAME\")")
-        _check(self.kind != "multi_kd" or len(self.teachers) >= 1, "loss multi_kd: list its teachers")
+        check_term(self, _check)
         _check(not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),
                "loss multi_kd: teacher_weights needs one weight per teacher")
-        _check(self.kind != "feature" or bool(self.field), "loss feature: name the stored field (e.g. features/embed)")
-        _check(self.kind != "contrastive" or bool(self.negatives),
-               "loss contrastive: name the mined negatives (negatives = \"NAME\", from `kdstore mine --name NAME`)")
 
     @property
     def teacher_names(self) -> tuple[str, ...]:
-        return self.teachers if self.kind == "multi_kd" else ((self.teacher,) if self.teacher else ())
+        return self.teachers if KINDS[self.kind].teachers == "many" else ((self.teacher,) if self.teacher else ())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,51 +194,30 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.loss), "give at least one [[loss]] term")
-        dho = [t for t in self.loss if t.kind == "dho"]
-        _check(len(dho) <= 1, "at most one dho loss term")
-        _check(not (dho and any(t.kind in ("ce", "kd", "topk_kd", "multi_kd") for t in self.loss)),
-               "a dho term already holds the CE and KD parts; drop the ce/kd terms beside it")
+        check_terms(self.loss, _check)
 
     @property
     def dual_head(self) -> bool:
-        return any(t.kind == "dho" for t in self.loss)
+        return any(KINDS[t.kind].second_head for t in self.loss)
 
     def teachers(self) -> dict[str, set[str]]:
         """Stored fields each teacher must provide: ``{teacher: {field, ...}}``."""
         need: dict[str, set[str]] = {}
         for term in self.loss:
             for name in term.teacher_names:
-                fields = need.setdefault(name, set())
-                if term.kind in ("kd", "dho", "multi_kd"):
-                    fields.add("logits")
-                elif term.kind == "topk_kd":
-                    fields.update(("topk/values", "topk/indices", "topk/residual"))
-                elif term.kind in ("feature", "embedding", "contrastive"):
-                    fields.add(term.field or "embedding")
-                if term.sample_weights:
-                    fields.add(f"scores/{term.sample_weights}")
+                need.setdefault(name, set()).update(term_fields(term))
         return need
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        doc = _plain(dataclasses.asdict(self))
+        doc["data"]["labels"] = str(self.data.labels)
+        return doc
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)
 
 
 # --------------------------------------------------------------------------- parsing
-
-
-def parse_labels_spec(text: str) -> tuple[str, Any]:
-    """``all`` | ``none`` | ``per_class:N`` | ``count:N`` | ``keys:PATH`` → ``(kind, arg)``."""
-    kind, _, arg = str(text).partition(":")
-    if kind in ("all", "none") and not arg:
-        return kind, None
-    if kind in ("per_class", "count") and arg.isdigit() and int(arg) > 0:
-        return kind, int(arg)
-    if kind == "keys" and arg:
-        return kind, arg
-    raise InputError(f"data.labels must be all | none | per_class:N | count:N | keys:PATH, got {text!r}")
 
 
 def _plain(value: Any) -> Any:
@@ -252,6 +230,11 @@ def _plain(value: Any) -> Any:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:  # X | None
+        return None if value is None else _coerce(value, next(a for a in args if a is not type(None)), where)
+    if hint is LabelsSpec and isinstance(value, (str, LabelsSpec)):
+        return LabelsSpec.parse(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:
@@ -280,7 +263,7 @@ def _build(cls: type, doc: Any, where: str) -> Any:
         hint = hints[name]
         if hint is LossConfig or typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is LossConfig:
             continue
-        if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(hint) and hint is not LabelsSpec:
             kwargs[name] = _build(hint, value, f"{where}.{name}" if where else name)
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}" if where else name)

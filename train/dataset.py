@@ -37,7 +37,10 @@ from kdstore.store.layout import VIEWS_ARRAY
 from kdstore.store.reader import Store, open_store
 from kdstore.store.schema import ShardInfo
 from kdstore.store.shards import expand_urls, iter_samples
-from kdstore.train.config import parse_labels_spec
+from kdstore.train.labels import LabelsSpec, labeled_mask  # noqa: F401 (labeled_mask: re-exported)
+
+# Online augmentation of epoch e draws view index ONLINE_VIEW_BASE - e: disjoint from the stored 0..V-1.
+ONLINE_VIEW_BASE = -1
 
 
 # --------------------------------------------------------------------------- planning (pure)
@@ -117,48 +120,6 @@ def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndar
 def mix64(*parts: np.ndarray | int) -> np.ndarray:
     """splitmix64 over the given integers (broadcast): a cheap, stable per-row hash."""
     return mix64_(*parts)
-
-
-def labeled_mask(store: Store, shards: Sequence[ShardInfo], spec: str, seed: int) -> np.ndarray:
-    """``[store.num_rows]`` bool: rows whose label the student may use.
-
-    ``all`` every labelled row of ``shards``; ``none``; ``per_class:N`` N rows per class and
-    ``count:N`` N rows, drawn with ``seed`` from ``shards`` (a fixed, documented choice);
-    ``keys:PATH`` the keys listed one per line in PATH.
-    """
-    kind, arg = parse_labels_spec(spec)
-    labels = store.labels
-    domain = np.zeros(store.num_rows, dtype=bool)
-    for s in shards:
-        domain[s.row_start : s.row_stop] = True
-    domain &= labels >= 0
-    mask = np.zeros(store.num_rows, dtype=bool)
-    rng = np.random.default_rng(seed)
-    if kind == "all":
-        mask = domain
-    elif kind == "per_class":
-        for c in np.unique(labels[domain]):
-            rows = np.nonzero(domain & (labels == c))[0]
-            if len(rows) < arg:
-                raise InputError(f"data.labels {spec}: class {c} has only {len(rows)} labelled rows "
-                                 "in the training shards")
-            mask[rng.choice(rows, size=arg, replace=False)] = True
-    elif kind == "count":
-        rows = np.nonzero(domain)[0]
-        if len(rows) < arg:
-            raise InputError(f"data.labels {spec}: only {len(rows)} labelled rows in the training shards")
-        mask[rng.choice(rows, size=arg, replace=False)] = True
-    elif kind == "keys":
-        path = Path(arg)
-        if not path.is_file():
-            raise InputError(f"data.labels {spec}: {path} not found")
-        index = store.key_to_row
-        for line in path.read_text().split():
-            if line not in index:
-                raise InputError(f"data.labels {spec}: key {line!r} is not in the store")
-            mask[index[line]] = True
-        mask &= domain
-    return mask
 
 
 # --------------------------------------------------------------------------- inputs vs store
@@ -245,7 +206,8 @@ class StreamingDataset(IterableDataset):
         shards: selectors (index, URL substring, ``"A..B"`` index range); all when None.
         fields: ``{teacher: [field, ...]}`` targets to read.
         inputs: input URL patterns replacing the store's shard URLs (matched by file name).
-        labels / labels_seed / only_labeled: the labelled subset; ``only_labeled`` streams only it.
+        labels / labels_seed / only_labeled: the labelled subset (a :class:`LabelsSpec` or its text);
+            ``only_labeled`` streams only it.
         shuffle: seeded shard order and shuffle buffer (False: store order, for evaluation).
         replay_views: when the teachers have views, apply one stored view per sample and give
             its targets; a row cycles through its views from a seeded start, one per epoch.
@@ -264,7 +226,7 @@ class StreamingDataset(IterableDataset):
         fields: dict[str, Sequence[str]] | None = None,
         inputs: Sequence[str] = (),
         input_key: str = "",
-        labels: str = "all",
+        labels: LabelsSpec | str = "all",
         labels_seed: int = 0,
         only_labeled: bool = False,
         shuffle: bool = True,
@@ -287,7 +249,7 @@ class StreamingDataset(IterableDataset):
         self.input_key = input_key or self._default_input_key()
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, int(shuffle_buffer), int(seed)
         self.only_labeled = only_labeled
-        self.labeled = labeled_mask(self.store, self.shards, labels, labels_seed)
+        self.labeled = labeled_mask(self.store, self.shards, LabelsSpec.parse(labels), labels_seed)
         self.views = self._check_views()
         self.replay = bool(replay_views and self.views)
         self.augment = AugmentSpec.parse(augment) if augment else None
@@ -468,8 +430,10 @@ class StreamingDataset(IterableDataset):
                 view = (int(mix64(self.seed, row) % np.uint64(self.views)) + epoch) % self.views
                 image = apply_view(image, params[j, view])
             elif self.augment is not None:
-                # A fresh view per epoch: the view index is the epoch.
-                p = view_params(self.augment, seed=self.seed, key=keys[row], view=epoch,
+                # A fresh view per epoch. Stored views draw indices 0..V-1, so the online stream
+                # draws negative ones (-1 - epoch): with the store's seed and augment it still
+                # never replays a stored crop.
+                p = view_params(self.augment, seed=self.seed, key=keys[row], view=ONLINE_VIEW_BASE - epoch,
                                 height=image.shape[1], width=image.shape[2])
                 image = apply_view(image, p)
             targets = {}

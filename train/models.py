@@ -1,4 +1,5 @@
-"""Students: a small MLP and a tiny CNN, a second head for DHO, and a feature tap.
+"""Students: a small MLP and a tiny CNN, a second head for DHO, a feature tap, and the
+student-plus-projectors module the recipe trains (:func:`build_model`).
 
 Every student is a :class:`Classifier` — a ``body`` producing an embedding ``[b, d]`` and a
 linear ``head`` — so the dual-head variant (DHO) is one more linear layer on the same body,
@@ -122,3 +123,55 @@ def output_shape(model: nn.Module, layer: str, input_shape: Sequence[int]) -> tu
                 tap.remove()
     finally:
         model.train(was_training)
+
+
+# --------------------------------------------------------------------------- student + projectors
+
+
+class DistillModel(nn.Module):
+    """The student plus the learned projectors of its projector terms: everything DDP syncs.
+
+    ``forward(x [b, ...])`` returns the student's outputs and ``proj/<i>`` = projector i
+    applied to the tapped student layer of loss term i (``[b, *teacher field shape]``).
+    """
+
+    def __init__(self, student: nn.Module, taps: dict[int, str], projectors: dict[int, nn.Module]) -> None:
+        super().__init__()
+        self.student = student
+        self.taps = taps
+        self.projectors = nn.ModuleDict({str(i): p for i, p in projectors.items()})
+        layers = sorted({layer for layer in taps.values() if layer != "embedding"})
+        self._tap = FeatureTap(student, layers) if layers else None
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = self.student(x)
+        for i, layer in self.taps.items():
+            feat = out["embedding"] if layer == "embedding" else self._tap.features[layer]
+            out[f"proj/{i}"] = self.projectors[str(i)](feat)
+        return out
+
+
+def build_model(cfg, input_shape: Sequence[int], num_classes: int, teacher_shapes: dict) -> DistillModel:
+    """The student of ``cfg.model`` (two heads when a loss kind needs them) with a
+    :class:`~kdstore.train.losses.Projector` per projector term, both read from the loss-kind table.
+
+    ``teacher_shapes``: ``{teacher: {field: per-row shape}}``.
+    """
+    from kdstore.train.losses import Projector
+    from kdstore.train.objective import KINDS, target_field
+
+    student = build_student(cfg.model.arch, input_shape, num_classes, hidden=cfg.model.hidden,
+                            width=cfg.model.width, dual_head=cfg.dual_head)
+    taps, projectors = {}, {}
+    for i, term in enumerate(cfg.loss):
+        if not KINDS[term.kind].projector:
+            continue
+        layer = term.student_layer
+        s_shape = output_shape(student, layer, input_shape)
+        t_shape = teacher_shapes[term.teacher][target_field(term)]
+        try:
+            projectors[i] = Projector(s_shape, t_shape)
+        except ValueError as exc:
+            raise InputError(f"loss.{i} ({term.kind}): {exc}") from None
+        taps[i] = layer
+    return DistillModel(student, taps, projectors)

@@ -1,8 +1,10 @@
 """The training recipe: setup / train / cleanup, driven by one validated :class:`Config`.
 
-Owns the run around the losses: distributed setup (``torchrun`` → DDP, gloo on CPU, nccl on
-CUDA), AMP on CUDA, the optimiser and schedule, atomic checkpoints that hold the stream
-position, the JSONL metrics log, evaluation, and the summary. The step is the stream
+Owns the run: distributed setup (``torchrun`` → DDP, gloo on CPU, nccl on CUDA), AMP on
+CUDA, the optimiser and schedule, the train loop, checkpoints that hold the stream position
+(file I/O and the ``out_dir`` rules in :mod:`~kdstore.train.checkpoint`), the JSONL metrics
+log and evaluation (:mod:`~kdstore.train.evaluate`). The objective is
+:mod:`~kdstore.train.objective`, the model :func:`~kdstore.train.models.build_model`. The step is the stream
 position: every rank runs the same number of batches per epoch (``StreamingDataset``), so
 ``epoch, batches_done = divmod(step, steps_per_epoch)``, and resuming replays the exact stream.
 """
@@ -31,154 +33,14 @@ from kdstore.pipeline.shards import iter_samples
 from kdstore.store.errors import InputError
 from kdstore.store.reader import open_store
 from kdstore.store.schema import write_json_atomic
-from kdstore.train import losses as L
-from kdstore.train.config import Config, LossConfig, ModelConfig, OptimConfig, parse_config
-from kdstore.train.dataset import InputCache, StreamingDataset, collate, select_shards
-from kdstore.train.models import FeatureTap, build_student, output_shape
-
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-# Settings that change the stream or the model: a checkpoint resumes only under the same ones.
-RESUME_KEYS = ("data", "model", "optim", "loss", "online", "train.seed", "train.steps", "train.epochs")
-
-
-# --------------------------------------------------------------------------- model + objective
-
-
-class DistillModel(nn.Module):
-    """The student plus the learned projectors of its feature terms: everything DDP syncs.
-
-    ``forward(x)`` returns the student's outputs and ``proj/<i>`` = projector i applied to
-    the tapped student layer of loss term i.
-    """
-
-    def __init__(self, student: nn.Module, taps: dict[int, str], projectors: dict[int, nn.Module]) -> None:
-        super().__init__()
-        self.student = student
-        self.taps = taps
-        self.projectors = nn.ModuleDict({str(i): p for i, p in projectors.items()})
-        layers = sorted({layer for layer in taps.values() if layer != "embedding"})
-        self._tap = FeatureTap(student, layers) if layers else None
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        out = self.student(x)
-        for i, layer in self.taps.items():
-            feat = out["embedding"] if layer == "embedding" else self._tap.features[layer]
-            out[f"proj/{i}"] = self.projectors[str(i)](feat)
-        return out
-
-
-def build_model(cfg: Config, input_shape: Sequence[int], num_classes: int, teacher_shapes: dict) -> DistillModel:
-    """The student of ``cfg.model`` with a :class:`~kdstore.train.losses.Projector` per feature/embedding term."""
-    student = build_student(cfg.model.arch, input_shape, num_classes, hidden=cfg.model.hidden,
-                            width=cfg.model.width, dual_head=cfg.dual_head)
-    taps, projectors = {}, {}
-    for i, term in enumerate(cfg.loss):
-        if term.kind not in ("feature", "embedding", "contrastive"):
-            continue
-        layer = term.student_layer
-        s_shape = output_shape(student, layer, input_shape)
-        t_shape = teacher_shapes[term.teacher][term.field or "embedding"]
-        try:
-            projectors[i] = L.Projector(s_shape, t_shape)
-        except ValueError as exc:
-            raise InputError(f"loss.{i} ({term.kind}): {exc}") from None
-        taps[i] = layer
-    return DistillModel(student, taps, projectors)
-
-
-@dataclass(frozen=True)
-class MinedNegatives:
-    """What a contrastive term looks up per batch row: ``positive [N]`` and ``negatives [N, n]``
-    store rows (-1 = none) and the teacher's stored vectors ``table [N, d]`` float32."""
-
-    positive: Tensor
-    negatives: Tensor
-    table: Tensor
-
-    @classmethod
-    def load(cls, store, teacher: str, field: str, name: str) -> "MinedNegatives":
-        import pyarrow.parquet as pq
-
-        path = store.path / "negatives" / f"{name}.parquet"
-        if not path.is_file():
-            raise InputError(f"no mined negatives {path}; create them with `kdstore mine {store.path} --teacher {teacher} --name {name}`")
-        tbl = pq.read_table(path, columns=["row", "positive_row", "negative_rows"])
-        rows = tbl.column("row").to_numpy()
-        lists = tbl.column("negative_rows").to_pylist()
-        width = max((len(x) for x in lists), default=0)
-        positive = np.full(store.num_rows, -1, dtype=np.int64)
-        negatives = np.full((store.num_rows, max(1, width)), -1, dtype=np.int64)
-        positive[rows] = tbl.column("positive_row").to_numpy()
-        for row, negs in zip(rows, lists):
-            negatives[row, : len(negs)] = negs
-        table = store.teacher(teacher).read(field).astype(np.float32)
-        return cls(torch.from_numpy(positive), torch.from_numpy(negatives), torch.from_numpy(table))
-
-    def to(self, device: torch.device) -> "MinedNegatives":
-        return MinedNegatives(self.positive.to(device), self.negatives.to(device), self.table.to(device))
-
-
-def compute_loss(
-    terms: Sequence[LossConfig], out: dict[str, Tensor], batch: dict, num_classes: int,
-    mined: dict[int, MinedNegatives] | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """``(total, {part: value})``: the weighted sum of the config's loss terms on one batch.
-
-    Pads and rows a teacher could not score are masked out of that teacher's terms; labels
-    are -1 outside the labelled subset, which the CE parts ignore. ``mined[i]`` serves the
-    contrastive term ``i`` (rows without a positive are masked out, missing negatives too).
-    """
-    real = ~batch["pad"]
-    labels = batch["label"]
-    targets = batch.get("targets", {})
-    total = out["logits"].new_zeros(())
-    parts: dict[str, float] = {}
-    for i, term in enumerate(terms):
-        tg = targets.get(term.teacher, {})
-        mask = real & tg["valid"] if term.teacher else real
-        weights = _sample_weights(term, targets, num_classes)
-        T = term.temperature
-        if term.kind == "ce":
-            value = L.cross_entropy(out["logits"], labels, mask=real)
-        elif term.kind == "kd":
-            value = L.soft_kl(out["logits"], tg["logits"], T, weights=weights, mask=mask)
-        elif term.kind == "topk_kd":
-            value = L.topk_kl(out["logits"], tg["topk/values"], tg["topk/indices"], tg["topk/residual"], T,
-                              weights=weights, mask=mask)
-        elif term.kind == "feature":
-            value = L.feature_match(out[f"proj/{i}"], tg[term.field], None, term.metric, weights=weights, mask=mask)
-        elif term.kind == "embedding":
-            value = L.embedding_cosine(out[f"proj/{i}"], tg[term.field or "embedding"], weights=weights, mask=mask)
-        elif term.kind == "contrastive":
-            neg = mined[i]
-            row = batch["row"].clamp(min=0)
-            pos_rows, neg_rows = neg.positive[row], neg.negatives[row]
-            value = L.contrastive_distill(
-                out[f"proj/{i}"], neg.table[pos_rows.clamp(min=0)], neg.table[neg_rows.clamp(min=0)],
-                temperature=T, neg_mask=neg_rows >= 0, weights=weights,
-                mask=mask & (batch["row"] >= 0) & (pos_rows >= 0),
-            )
-        elif term.kind == "dho":
-            value = L.dho_loss(out["logits"], out["kd_logits"], labels, tg["logits"], T, term.alpha,
-                               weights=weights, mask=mask)
-        else:  # multi_kd
-            valid = torch.stack([targets[t]["valid"] for t in term.teachers]) & real
-            probs = L.combine_teachers([targets[t]["logits"] for t in term.teachers], T, term.combine,
-                                       term.teacher_weights or None, term.tau, teacher_mask=valid)
-            value = L.multi_teacher_kl(out["logits"], probs, T, weights=weights, mask=valid.any(0))
-        parts[f"loss/{i}.{term.kind}"] = float(value.detach())
-        total = total + term.weight * value
-    return total, parts
-
-
-def _sample_weights(term: LossConfig, targets: dict, num_classes: int) -> Tensor | None:
-    if not term.sample_weights:
-        return None
-    field_name = f"scores/{term.sample_weights}"
-    ws = [L.confidence_weights(targets[t][field_name].float(), term.sample_weights, num_classes, term.weight_power)
-          for t in term.teacher_names]
-    return torch.stack(ws).mean(0)
+from kdstore.train import checkpoint as ck
+from kdstore.train.checkpoint import CHECKPOINT_DIR, METRICS_FILE  # noqa: F401 (re-exported)
+from kdstore.train.config import Config, OptimConfig, parse_config
+from kdstore.train.dataset import InputCache, StreamingDataset, collate
+from kdstore.train.evaluate import eval_dataset, eval_teacher, predict, summarize_predictions
+from kdstore.train.mined import MinedNegatives
+from kdstore.train.models import build_model
+from kdstore.train.objective import KINDS, compute_loss, logits_field, resolve_terms, target_field
 
 
 # --------------------------------------------------------------------------- helpers
@@ -197,17 +59,6 @@ def _schedule(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
         return 1.0
 
     return factor
-
-
-def _flatten(doc: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for k, v in doc.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "teacher_args":
-            flat.update(_flatten(v, key + "."))
-        else:
-            flat[key] = v
-    return flat
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -269,7 +120,9 @@ class Recipe:
 
     # ----------------------------------------------------------------- setup
 
-    def setup(self, resume: bool | str | Path = False) -> None:
+    def setup(self, resume: bool | str | Path = False, overwrite: bool = False) -> None:
+        """Build everything, then claim ``train.out_dir``: a non-empty one only with ``resume``
+        (a checkpoint in it, or a path) or ``overwrite`` (deletes what a run writes there first)."""
         cfg = self.cfg
         self._init_distributed()
         if cfg.train.threads:
@@ -277,8 +130,7 @@ class Recipe:
         self._seed_everything(cfg.train.seed)
         self.store = open_store(cfg.data.store)
         self.out_dir = Path(cfg.train.out_dir)
-        if self.is_main:
-            (self.out_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        self.terms = resolve_terms(cfg.loss, self.store)
         cache = self.shared_cache or (InputCache() if cfg.data.cache else None)
         need = {} if cfg.online.enabled else {t: sorted(f) for t, f in cfg.teachers().items()}
         d = cfg.data
@@ -299,8 +151,8 @@ class Recipe:
                           for name in cfg.teachers()}
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.input_shape, self.num_classes, teacher_shapes).to(self.device)
-        self.mined = {i: MinedNegatives.load(self.store, t.teacher, t.field or "embedding", t.negatives).to(self.device)
-                      for i, t in enumerate(cfg.loss) if t.kind == "contrastive"}
+        self.mined = {i: MinedNegatives.load(self.store, t.teacher, target_field(t), t.negatives).to(self.device)
+                      for i, t in enumerate(cfg.loss) if "negatives" in KINDS[t.kind].settings}
         self.ddp = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -318,11 +170,19 @@ class Recipe:
             from kdstore.train.online import OnlineTargets
 
             self.targets_fn = OnlineTargets(cfg.online, self.store, cfg.teachers(), self.device)
+        # Checked last, on every rank, and before any rank writes to out_dir.
+        ck.check_out_dir(self.out_dir, resume=bool(resume), overwrite=overwrite)
+        if self.world_size > 1:
+            dist.barrier()
+        if self.is_main and overwrite:
+            ck.clear_run(self.out_dir)
+        if self.is_main:
+            (self.out_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume(None if resume is True else Path(resume))
         elif self.is_main:
             (self.out_dir / METRICS_FILE).write_text("")
-            write_json_atomic(self.out_dir / "config.json", cfg.to_dict())
+            write_json_atomic(self.out_dir / ck.CONFIG_FILE, cfg.to_dict())
 
     def _init_distributed(self) -> None:
         cfg = self.cfg.train
@@ -364,34 +224,16 @@ class Recipe:
                 torch.backends.cudnn.benchmark = False
 
     def _eval_teacher(self) -> str | None:
-        for term in self.cfg.loss:
-            for name in term.teacher_names:
-                if "logits" in self.store.teacher(name).fields:
-                    return name
-        for name in self.store.teachers:
-            t = self.store.teacher(name)
-            if "logits" in t.fields:
-                return name
-        return None
+        return eval_teacher(self.store, self.cfg.loss)
 
     def _eval_set(self, cache: InputCache | None) -> StreamingDataset:
-        d = self.cfg.data
-        shards = select_shards(self.store, d.eval_shards)
-        teacher = self._eval_teacher()
-        fields = {}
-        if teacher:
-            missing = set(self.store.teacher(teacher).missing_shards())
-            if not any(s.index in missing for s in shards):
-                fields = {teacher: ["logits"]}
-        return StreamingDataset(self.store, shards=d.eval_shards, fields=fields, inputs=d.inputs, input_key=d.input_key,
-                                labels="all", shuffle=False, replay_views=False, rank=0, world_size=1,
-                                loader_workers=0, loader_batch_size=d.batch_size, cache=cache,
-                                verify=d.verify_inputs if self.is_main else "off")
+        return eval_dataset(self.store, self.cfg.data, self._eval_teacher(), cache,
+                            verify=self.cfg.data.verify_inputs if self.is_main else "off")
 
     def _num_classes(self) -> int:
         eval_teacher = self._eval_teacher()
         for name in list(self.cfg.teachers()) + ([eval_teacher] if eval_teacher else []):
-            spec = self.store.teacher(name).fields.get("logits")
+            spec = self.store.teacher(name).fields.get(logits_field())
             if spec is not None:
                 return int(spec.shape[-1])
         labels = self.store.labels
@@ -408,7 +250,7 @@ class Recipe:
     # ----------------------------------------------------------------- checkpoints
 
     def checkpoint_paths(self) -> list[Path]:
-        return sorted((self.out_dir / CHECKPOINT_DIR).glob("step-*.pt"))
+        return ck.checkpoint_paths(self.out_dir)
 
     def position(self, step: int | None = None) -> dict:
         """Where the stream is: epoch, batches done in it, and per (rank, worker) slot the shard cursor and offset."""
@@ -438,35 +280,24 @@ class Recipe:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
+            "rng": ck.rng_state(cuda=self.device.type == "cuda"),
             "config": self.cfg.to_dict(),
             "world_size": self.world_size,
             "input_fingerprint": self.store.manifest.input_fingerprint,
             "history": self.history,
         }
-        path = self.out_dir / CHECKPOINT_DIR / f"step-{self.step:09d}.pt"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # a reader (or a resume after SIGKILL) never sees half a checkpoint
-        for old in self.checkpoint_paths()[: -self.cfg.train.keep_checkpoints]:
-            old.unlink(missing_ok=True)
-        return path
+        return ck.write_checkpoint(self.out_dir, self.step, state, self.cfg.train.keep_checkpoints)
 
     def _resume(self, path: Path | None) -> None:
         paths = [path] if path else self.checkpoint_paths()
         if not paths or not paths[-1].is_file():
             raise InputError(f"no checkpoint to resume from in {self.out_dir / CHECKPOINT_DIR}")
         path = paths[-1]
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        old, new = _flatten(state["config"]), _flatten(self.cfg.to_dict())
-        changed = [k for k in sorted(set(old) | set(new)) if k.startswith(RESUME_KEYS) and old.get(k) != new.get(k)]
+        state = ck.read_checkpoint(path)
+        changed = ck.config_differences(state["config"], self.cfg.to_dict())
         if changed:
-            raise InputError(f"checkpoint {path} was written with other settings ({', '.join(changed[:5])}); "
-                             "resume with the same config or start a new train.out_dir")
+            raise InputError(f"checkpoint {path} was written with other settings ({'; '.join(changed[:5])}); "
+                             "resume with the same config, or start a new run (another train.out_dir, or --overwrite)")
         if state["world_size"] != self.world_size:
             raise InputError(f"checkpoint {path} ran on {state['world_size']} ranks, now {self.world_size}: "
                              "the stream is split per rank, resume with the same number")
@@ -476,11 +307,7 @@ class Recipe:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        ck.set_rng_state(state["rng"], cuda=self.device.type == "cuda")
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         if self.is_main:
@@ -503,13 +330,18 @@ class Recipe:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def loss(self, batch: dict) -> tuple[Tensor, dict[str, float]]:
+        """The objective on one batch: ``(total [], {"loss/<i>.<kind>": value})`` (the batch is
+        moved to the device; online KD fills its targets)."""
         batch = _to_device(batch, self.device)
         if self.targets_fn is not None:
             batch["targets"] = self.targets_fn(batch)
         with self._autocast():
             out = self.ddp(batch["input"])
-            loss, parts = compute_loss(self.cfg.loss, out, batch, self.num_classes, self.mined)
+            return compute_loss(self.terms, out, batch, self.num_classes, self.mined)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        loss, parts = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip:
@@ -563,12 +395,12 @@ class Recipe:
         seconds = time.perf_counter() - start
         final = self.evaluate_and_log() if self.eval_set is not None else {}
         if self.is_main:
-            torch.save(self.model.student.state_dict(), self.out_dir / "student.pt")
+            torch.save(self.model.student.state_dict(), self.out_dir / ck.STUDENT_FILE)
         rate = samples / max(seconds, 1e-9) if self.step > start_step else 0.0
         result = TrainResult(out_dir=self.out_dir, steps=self.step, epochs=self.step / self.steps_per_epoch,
                              seconds=seconds, samples_per_s=rate, eval=final, history=self.history)
         if self.is_main:
-            write_json_atomic(self.out_dir / "summary.json", result.to_dict())
+            write_json_atomic(self.out_dir / ck.SUMMARY_FILE, result.to_dict())
         return result
 
     # ----------------------------------------------------------------- evaluation
@@ -583,32 +415,10 @@ class Recipe:
             dist.barrier()
         return result
 
-    @torch.inference_mode()
     def predict(self, dataset: StreamingDataset | None = None) -> dict[str, np.ndarray]:
-        """Run the student over an evaluation stream: ``logits [n, k]`` (+ ``kd_logits``), ``labels [n]``,
-        ``teacher [n, k]`` (stored logits, mean over views; absent when the store has none), ``rows [n]``."""
-        dataset = dataset or self.eval_set
-        was = self.model.training
-        self.model.eval()
-        chunks: dict[str, list] = {}
-        loader = DataLoader(dataset, batch_size=self.cfg.data.batch_size, num_workers=0, collate_fn=collate)
-        dataset.set_epoch(0)
-        dataset.set_resume(0)
-        teacher = next(iter(dataset.fields), None)
-        for batch in loader:
-            keep = ~batch["pad"]
-            with self._autocast():
-                out = self.model.student(batch["input"].to(self.device))
-            for name in ("logits", "kd_logits"):
-                if name in out:
-                    chunks.setdefault(name, []).append(out[name].float().cpu()[keep])
-            chunks.setdefault("labels", []).append(batch["label"][keep])
-            chunks.setdefault("rows", []).append(batch["row"][keep])
-            if teacher:
-                t = batch["targets"][teacher]["logits"].float()
-                chunks.setdefault("teacher", []).append((t.mean(1) if t.dim() == 3 else t)[keep])
-        self.model.train(was)
-        return {k: torch.cat(v).numpy() for k, v in chunks.items()}
+        """The student over an evaluation stream (default: ``data.eval_shards``); see :func:`predict`."""
+        return predict(self.model.student, dataset or self.eval_set, batch_size=self.cfg.data.batch_size,
+                       device=self.device, autocast=self._autocast)
 
     def evaluate(self, dataset: StreamingDataset | None = None) -> dict:
         """Accuracy (and, with a teacher in the store, agreement with it and its own accuracy)."""
@@ -620,57 +430,24 @@ class Recipe:
             dist.destroy_process_group()
 
 
-def summarize_predictions(p: dict[str, np.ndarray], dho: ModelConfig | None = None) -> dict:
-    """Accuracy of the student's prediction (DHO: the heads combined with ``dho.dho_alpha/beta``)."""
-    labels = p["labels"]
-    if dho is not None and "kd_logits" in p:
-        ce, kd = torch.from_numpy(p["logits"]), torch.from_numpy(p["kd_logits"])
-        probs = L.dho_combine(ce, kd, dho.dho_alpha, dho.dho_beta)
-        pred = probs.argmax(1).numpy()
-    else:
-        pred = p["logits"].argmax(1)
-    has = labels >= 0
-    out = {"samples": int(len(labels)), "accuracy": float((pred[has] == labels[has]).mean()) if has.any() else None}
-    if "kd_logits" in p:
-        out["accuracy_ce_head"] = float((p["logits"].argmax(1)[has] == labels[has]).mean())
-        out["accuracy_kd_head"] = float((p["kd_logits"].argmax(1)[has] == labels[has]).mean())
-    if "teacher" in p:
-        t_pred = p["teacher"].argmax(1)
-        out["teacher_agreement"] = float((pred == t_pred).mean())
-        out["teacher_accuracy"] = float((t_pred[has] == labels[has]).mean()) if has.any() else None
-    return out
+def run(cfg: Config, *, resume: bool | str | Path = False, overwrite: bool = False,
+        callbacks: Sequence[Callable] = (), cache: InputCache | None = None,
+        on_done: Callable[["Recipe", TrainResult], Any] | None = None) -> TrainResult:
+    """setup → train → (``on_done(recipe, result)`` on the main rank) → cleanup.
 
-
-def run(cfg: Config, *, resume: bool | str | Path = False, callbacks: Sequence[Callable] = (),
-        cache: InputCache | None = None) -> TrainResult:
-    """setup → train → cleanup; returns the final evaluation and timing."""
+    ``resume``: True (newest checkpoint in ``train.out_dir``) or a checkpoint path;
+    ``overwrite``: delete what an earlier run wrote in ``train.out_dir`` first. Without either
+    a non-empty ``train.out_dir`` is refused.
+    """
     recipe = Recipe(cfg, callbacks=callbacks, cache=cache)
     try:
-        recipe.setup(resume=resume)
-        return recipe.train()
+        recipe.setup(resume=resume, overwrite=overwrite)
+        result = recipe.train()
+        if on_done is not None and recipe.is_main:
+            on_done(recipe, result)
+        return result
     finally:
         recipe.cleanup()
-
-
-def print_summary(recipe: Recipe, result: TrainResult) -> None:
-    """The final table: run size, speed, and the last evaluation."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"kdstore train: {recipe.out_dir}")
-    table.add_column("")
-    table.add_column("value", justify="right")
-    losses = " + ".join(f"{t.weight:g}·{t.kind}" + (f"[{','.join(t.teacher_names)}]" if t.teacher_names else "")
-                        for t in recipe.cfg.loss)
-    rows = [("objective", losses), ("student", recipe.cfg.model.arch), ("ranks × workers",
-            f"{recipe.world_size} × {max(1, recipe.cfg.data.workers)}"), ("device", str(recipe.device)),
-            ("steps", f"{result.steps:,}"), ("epochs", f"{result.epochs:.2f}"), ("train time", f"{result.seconds:.1f} s"),
-            ("samples/s", f"{result.samples_per_s:,.0f}")]
-    for key, value in result.eval.items():
-        rows.append((f"eval {key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
-    for name, value in rows:
-        table.add_row(name, value)
-    Console().print(table)
 
 
 def few_labels_demo(
