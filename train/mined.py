@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdstore.store.errors import InputError
 
 
 @dataclass(frozen=True)
