@@ -72,7 +72,7 @@ def shards_cmd() -> None:
     """
 
 
-@shards_cmd.command("dataset")
+@shards_cmd.command("dataset", short_help="A packaged dataset (fashion-mnist, bbc, ...); the word may be left out.")
 @click.argument("dataset", metavar="DATASET")
 @click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--shard-size", default=2000, show_default=True, help="Samples per tar shard.")
@@ -108,7 +108,7 @@ def dataset_cmd(dataset: str, out_dir: Path, shard_size: int, seed: int) -> None
         click.echo(f"{split}: {len(paths)} shards -> {out_dir}/{split}-{{000000..{len(paths) - 1:06d}}}.tar")
 
 
-@shards_cmd.command("folder")
+@shards_cmd.command("folder", short_help="An image folder: class subfolders, or a flat folder + --labels CSV.")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @OUT_ARG
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -127,7 +127,7 @@ def folder_cmd(folder: Path, out_dir: Path, labels_csv: Path | None, **kw) -> No
     _run(FolderSource(folder, labels=labels_csv), out_dir, **kw)
 
 
-@shards_cmd.command("table")
+@shards_cmd.command("table", short_help="A CSV, JSON Lines or Parquet table of texts.")
 @click.argument("table", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @OUT_ARG
 @click.option("--text-column", required=True, help="Column holding the text (stored as KEY.txt).")
@@ -146,7 +146,7 @@ def table_cmd(table: Path, out_dir: Path, text_column: str, label_column: str | 
     _run(source, out_dir, **kw)
 
 
-@shards_cmd.command("hf")
+@shards_cmd.command("hf", short_help="A Hugging Face dataset saved with save_to_disk.")
 @click.argument("dataset_dir", metavar="DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @OUT_ARG
 @click.option("--split", default=None, help="Split of a saved DatasetDict (needed when it has several).")
