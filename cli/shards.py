@@ -124,7 +124,7 @@ def folder_cmd(folder: Path, out_dir: Path, labels_csv: Path | None, **kw) -> No
     """
     from kdstore.pipeline.ingest_folder import FolderSource
 
-    _run(FolderSource(folder, labels=labels_csv), out_dir, **kw)
+    _run(FolderSource(folder, labels=labels_csv, exclude=out_dir), out_dir, **kw)
 
 
 @shards_cmd.command("table", short_help="A CSV, JSON Lines or Parquet table of texts.")

@@ -192,7 +192,7 @@ def write_source(
         raise InputError("the input holds no items")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec = {"source": source.fingerprint, "shard_size": shard_size, "prefix": prefix, "items": n}
+    spec = {"source": source.fingerprint, "shard_size": shard_size, "prefix": prefix, "items": n, "classes": source.classes}
     records = _prepare(out, spec, prefix, overwrite)
     if source.classes is not None:
         _write_json(out / CLASSES, {"classes": source.classes, "class_to_idx": {c: i for i, c in enumerate(source.classes)}})

@@ -27,10 +27,12 @@ from kdstore.store.errors import InputError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def _images_under(root: Path) -> list[str]:
-    """Relative paths (``/``-separated) of every image file under ``root``, sorted."""
+def _images_under(root: Path, exclude: Path | None = None) -> list[str]:
+    """Relative paths (``/``-separated) of every image file under ``root`` (not under ``exclude``), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        if exclude is not None:
+            dirnames[:] = [d for d in dirnames if Path(dirpath, d).resolve() != exclude]
         dirnames.sort()
         for name in filenames:
             if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
@@ -41,8 +43,16 @@ def _images_under(root: Path) -> list[str]:
 class FolderSource:
     """Images of ``root`` (see the module docstring for the layouts)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, labels: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        labels: str | os.PathLike[str] | None = None,
+        exclude: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """``exclude``: a folder inside ``root`` to leave out (the output folder)."""
         self.root = Path(root)
+        skip = Path(exclude).resolve() if exclude is not None else None
         if not self.root.is_dir():
             raise InputError(f"{self.root} is not a folder")
         label_values: list = []
@@ -50,17 +60,20 @@ class FolderSource:
             self.layout = "csv"
             self.files, label_values = self._read_labels(Path(labels))
         else:
-            class_dirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+            class_dirs = sorted(
+                e.name for e in os.scandir(self.root)
+                if e.is_dir() and not e.name.startswith(".") and Path(e.path).resolve() != skip
+            )
             if class_dirs:
                 self.layout = "class-folders"
                 self.files = []
                 for c, name in enumerate(class_dirs):
-                    files = [f"{name}/{rel}" for rel in _images_under(self.root / name)]
+                    files = [f"{name}/{rel}" for rel in _images_under(self.root / name, skip)]
                     self.files.extend(files)
                     label_values.extend([c] * len(files))
             else:
                 self.layout = "flat"
-                self.files = _images_under(self.root)
+                self.files = _images_under(self.root, skip)
         if not self.files:
             raise InputError(f"{self.root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
         if self.layout == "class-folders":

@@ -30,6 +30,11 @@ def _datasets():
     return datasets
 
 
+def _column(ds, name: str) -> list:
+    """One column as a Python list, through Arrow (iterating ``ds[name]`` goes row by row: slow)."""
+    return ds.with_format("arrow")[name].to_pylist()
+
+
 class HFSource:
     """Rows of one split of a ``save_to_disk`` folder."""
 
@@ -76,16 +81,16 @@ class HFSource:
         self.ds = ds.select_columns([self.column])
         self.split = split
         n = len(ds)
-        self.row_keys = ds[key_column] if key_column else None
+        self.row_keys = _column(ds, key_column) if key_column else None
         raw = [f"row-{i:08d}" if k is None else str(k) for i, k in enumerate(self.row_keys)] if key_column else [f"row-{i:08d}" for i in range(n)]
         self.keys = unique_keys(raw, self.describe)
         if label_column is None:
             self.labels, self.classes = [None] * n, None
         elif isinstance(features[label_column], datasets.ClassLabel):
-            self.labels = [None if v is None or v < 0 else int(v) for v in ds[label_column]]
+            self.labels = [None if v is None or v < 0 else int(v) for v in _column(ds, label_column)]
             self.classes = list(features[label_column].names)
         else:
-            self.labels, self.classes = label_ids(ds[label_column])
+            self.labels, self.classes = label_ids(_column(ds, label_column))
         self._cache: tuple[int, list] = (-1, [])
         self.fingerprint = {
             "kind": "hf",

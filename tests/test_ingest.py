@@ -110,6 +110,15 @@ def test_image_folder_round_trip(tmp_path):
     assert json.loads((tmp_path / "a" / "skipped.json").read_text()) == []
 
 
+def test_output_folder_inside_the_image_folder(tmp_path):
+    files = _image_folder(tmp_path / "photos", 10)
+    out = tmp_path / "photos" / "zz_shards"  # would sort last as a class folder
+    assert "1 written" in _cli("shards", "folder", tmp_path / "photos", out, "--no-progress").output
+    assert "0 written, 1 already done" in _cli("shards", "folder", tmp_path / "photos", out, "--no-progress").output
+    classes = json.loads((out / "classes.json").read_text())["classes"]
+    assert classes == sorted({rel.split("/")[0] for rel in files})
+
+
 def test_flat_folder_with_labels_csv(tmp_path):
     files = _image_folder(tmp_path / "nested", 12)
     flat = tmp_path / "flat"
