@@ -46,6 +46,12 @@ def _run(source, out_dir: Path, shard_size: int, prefix: str, on_error: str, ove
 class ShardsGroup(click.Group):
     """A group whose unknown first argument is a packaged dataset name (``kdstore shards fashion-mnist DIR``)."""
 
+    def parse_args(self, ctx, args):
+        # `kdstore shards --shard-size 500 bbc OUT` (options first) worked before the group existed
+        if args and args[0].startswith("-") and args[0] not in self.get_help_option_names(ctx):
+            args = ["dataset", *args]
+        return super().parse_args(ctx, args)
+
     def resolve_command(self, ctx, args):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             return "dataset", self.commands["dataset"], list(args)

@@ -87,6 +87,9 @@ def test_shards_help_lists_both_forms():
     out = _cli("shards", "--help").output
     assert "shards DATASET OUT" in out and "folder|table|hf" in out
     assert all(name in out for name in ("dataset", "folder", "table", "hf", "fashion-mnist"))
+    for args in (["nope", "out"], ["--seed", "1", "nope", "out"], ["dataset", "nope", "out"]):  # all reach `dataset`
+        result = _cli("shards", *args, ok=False)
+        assert result.exit_code == 2 and "unknown dataset 'nope'" in result.output, result.output
 
 
 def test_image_folder_round_trip(tmp_path):
