@@ -108,16 +108,17 @@ def unique_keys(raw: Sequence[str], describe) -> list[str]:
 
 
 def label_ids(values: Sequence) -> tuple[list[int | None], list[str] | None]:
-    """Labels as ids: integers (or integer strings) stay as they are; other strings map to
-    ``sorted(set(values))`` positions, returned as the class names. ``None`` stays ``None``."""
+    """Labels as ids: integers (or integer strings) stay as they are; other values map to
+    ``sorted(set(values))`` positions, returned as the class names. ``None``, NaN and empty
+    strings are "no label" (``None``): the sample gets no ``.cls``."""
     present = [v for v in values if v is not None and v == v]  # drops None and NaN
     if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
         ids = [None if v is None else int(v) for v in values]
         if any(v is not None and v < 0 for v in ids):
-            raise InputError("integer labels must be >= 0")
+            raise InputError(f"labels must be integers >= 0 or names, got {min(v for v in ids if v is not None)}")
         return ids, None
-    text = [None if v is None or v != v else str(v).strip() for v in values]
-    if all(t.isdigit() for t in text if t is not None):
+    text = [None if v is None or v != v or not str(v).strip() else str(v).strip() for v in values]  # "" = no label
+    if all(t.isascii() and t.isdigit() for t in text if t is not None):
         return [None if t is None else int(t) for t in text], None
     classes = sorted({t for t in text if t is not None})
     code = {c: i for i, c in enumerate(classes)}

@@ -347,3 +347,20 @@ def test_bring_your_own_doc_runs_as_written(tmp_path, monkeypatch, ray_session, 
     assert len(open_store(tmp_path / "runs" / "reviews").keys) == 40
     assert len(_read(tmp_path / "data" / "hf")) == 20
     assert len(_read(tmp_path / "data" / "flat")) == 12 and len(_read(tmp_path / "data" / "photos")) == 12
+
+
+def test_table_labels_ints_names_and_missing(tmp_path):
+    rows = _bbc_rows(6)
+    ints = [dict(r, topic=i % 3) for i, r in enumerate(rows)]
+    _cli("shards", "table", _write_table(ints, tmp_path / "ints.jsonl"), tmp_path / "i", "--text-column", "text",
+         "--label-column", "topic", "--no-progress")
+    assert [int(s["cls"]) for s in _read(tmp_path / "i")] == [0, 1, 2, 0, 1, 2]
+    assert not (tmp_path / "i" / "classes.json").exists()  # integer labels are ids already
+    names = [dict(r, topic="" if i == 2 else r["topic"]) for i, r in enumerate(rows)]
+    _cli("shards", "table", _write_table(names, tmp_path / "names.csv"), tmp_path / "n", "--text-column", "text",
+         "--label-column", "topic", "--no-progress")
+    samples = _read(tmp_path / "n")
+    topics = sorted({r["topic"] for i, r in enumerate(rows) if i != 2})
+    assert json.loads((tmp_path / "n" / "classes.json").read_text())["classes"] == topics
+    assert "cls" not in samples[2]  # an empty label cell: no label, not a class named ""
+    assert [int(s["cls"]) for i, s in enumerate(samples) if i != 2] == [topics.index(r["topic"]) for i, r in enumerate(rows) if i != 2]
