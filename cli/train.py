@@ -30,8 +30,10 @@ def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, resume_fr
     \b
     Run on more processes with torchrun (DDP; gloo on CPU, nccl on CUDA):
       torchrun --nproc_per_node 2 -m kdstore.cli.main train configs/fashion_few_labels_kd.toml
-    Writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/student.pt and OUT/summary.json.
+    Writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/student.pt, OUT/summary.json and OUT/training.png
+    (the curves; also OUT/tensorboard/ when TensorBoard is installed).
     """
+    from kdstore.cli.plots import after_run
     from kdstore.train.config import load_config
     from kdstore.train.recipe import Recipe, print_summary
 
@@ -51,5 +53,6 @@ def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, resume_fr
         result = recipe.train()
         if recipe.is_main:
             print_summary(recipe, result)
+            after_run(recipe.out_dir, echo=click.echo)
     finally:
         recipe.cleanup()
