@@ -188,3 +188,16 @@ print("ACCURACY", _hit / _n)
     assert re.search(r"epoch 2: loss [0-9.]+", proc.stdout)
     accuracy = float(proc.stdout.split("ACCURACY")[1])
     assert accuracy > 0.5, proc.stdout  # an untrained student is at ~0.1
+
+
+def test_query_echoes_the_row_it_searched_for_and_leaves_it_out(small):
+    runner = CliRunner()
+    built = runner.invoke(main, ["index", str(small["store"]), "--teacher", "cnn", "--kind", "flat"])
+    assert built.exit_code == 0, built.output
+    result = runner.invoke(main, ["query", str(small["store"]), "--teacher", "cnn", "--key", "train_00007", "-k", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("query: row 7, key train_00007, label ") and "left out" in lines[0]
+    assert len(lines) == 5 and all(ln.split()[1] != "7" for ln in lines[2:])
+    help_text = runner.invoke(main, ["query", "--help"]).output
+    assert "to index" not in help_text and "leaves that row itself out" in help_text

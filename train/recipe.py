@@ -549,7 +549,8 @@ class Recipe:
                     window_start, window_samples = now, 0
                     self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                               "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate, **parts})
-                    bar.set_postfix(loss=f"{parts['loss']:.4f}", samples_s=f"{rate:,.0f}", refresh=False)
+                    bar.set_postfix({"loss": f"{parts['loss']:.4f}", f"samples/s, last {cfg.log_every_steps} steps": f"{rate:,.0f}"},
+                                    refresh=False)
                 bar.update(1)
                 if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
                     self.save_checkpoint()
@@ -665,7 +666,7 @@ def print_summary(recipe: Recipe, result: TrainResult) -> None:
     rows = [("objective", losses), ("student", recipe.cfg.model.arch), ("ranks × workers",
             f"{recipe.world_size} × {max(1, recipe.cfg.data.workers)}"), ("device", str(recipe.device)),
             ("steps", f"{result.steps:,}"), ("epochs", f"{result.epochs:.2f}"), ("train time", f"{result.seconds:.1f} s"),
-            ("samples/s", f"{result.samples_per_s:,.0f}")]
+            ("samples/s, whole run (incl. loader start, evaluations, checkpoints)", f"{result.samples_per_s:,.0f}")]
     for key, value in result.eval.items():
         rows.append((f"eval {key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
     for name, value in rows:
