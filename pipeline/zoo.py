@@ -101,7 +101,8 @@ def train_fashion_cnn(
                         bar.set_postfix(epoch=f"{step * batch_size / len(x):.2f}", loss=f"{loss.item():.3f}")
                     if step == 20 and echo is not None and steps > 20:
                         per = (time.perf_counter() - start) / step
-                        echo(f"    {steps} steps, about {per * steps:.0f} s on this machine ({per * 1000:.0f} ms/step)")
+                        with tqdm.external_write_mode():  # a line of its own, above the bar
+                            echo(f"    {steps} steps, about {per * steps:.0f} s on this machine ({per * 1000:.0f} ms/step)")
                     if seconds is not None and time.perf_counter() - start >= seconds:
                         stopped_by_time = True
                     if step >= steps or stopped_by_time:
