@@ -49,13 +49,18 @@ def plot_training(run_dir: str | Path, out: str | Path | None = None) -> dict:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     ax_loss, ax_acc, ax_agree, ax_lr = axes.flat
     x = [r["step"] for r in steps]
-    ax_loss.plot(x, [r["loss"] for r in steps], color="black", lw=2, label="total (weighted)")
+    log_scale = bool(steps) and min(r["loss"] for r in steps) > 0
+
+    def shown(values):  # on a log axis a term that is 0 on a batch (e.g. CE with no labelled row) is a gap
+        return [v if v > 0 or not log_scale else np.nan for v in values]
+
+    ax_loss.plot(x, shown([r["loss"] for r in steps]), color="black", lw=2, label="total (weighted)")
     for name in sorted({k for r in steps for k in r if k.startswith("loss/")}):
-        ax_loss.plot([r["step"] for r in steps if name in r], [r[name] for r in steps if name in r],
+        ax_loss.plot([r["step"] for r in steps if name in r], shown([r[name] for r in steps if name in r]),
                      lw=1.2, label=name.removeprefix("loss/"))
-    if steps and min(r["loss"] for r in steps) > 0:
+    if log_scale:
         ax_loss.set_yscale("log")
-    ax_loss.set(title="loss terms", xlabel="step", ylabel="loss")
+    ax_loss.set(title="loss terms", xlabel="step", ylabel="loss (the batch at each logged step)")
     ax_loss.legend(fontsize=8)
     ex = [r["step"] for r in evals]
     for name, style in (("accuracy", "o-"), ("accuracy_ce_head", "s--"), ("accuracy_kd_head", "^--")):
@@ -165,6 +170,7 @@ def plot_store(store_path: str | Path, out: str | Path, max_rows: int = MAX_ROWS
         ax_bytes.barh(names, values, color="tab:blue")
         for i, v in enumerate(values):
             ax_bytes.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+        ax_bytes.set_xlim(0, max(values) * 1.18)
         ax_bytes.invert_yaxis()
         ax_bytes.tick_params(axis="y", labelsize=8)
     ax_bytes.set(title="bytes per sample on disk, by field", xlabel="bytes / sample")
@@ -175,19 +181,19 @@ def plot_store(store_path: str | Path, out: str | Path, max_rows: int = MAX_ROWS
             ax_conf.hist(conf, bins=40, range=(0, 1), alpha=0.6, label=f"{name} (median {np.median(conf):.2f}, n={len(conf):,})")
             drew = True
     if drew:
+        ax_conf.set_yscale("log")  # confident teachers pile up at 1: the tail is what matters
         ax_conf.legend(fontsize=8)
     else:
         ax_conf.text(0.5, 0.5, "no logits or scores stored", ha="center", va="center", transform=ax_conf.transAxes)
-    ax_conf.set(title="teacher confidence (max softmax prob.)", xlabel="max probability", ylabel="rows")
+    ax_conf.set(title="teacher confidence (max softmax prob.)", xlabel="max probability", ylabel="rows (log scale)")
     labels = store.labels
     known = labels[labels >= 0]
     if len(known):
         counts = np.bincount(known)
         ax_labels.bar(np.arange(len(counts)), counts, color="tab:orange")
         ax_labels.set_xticks(np.arange(len(counts)))
-    ax_labels.set(title="label distribution", xlabel="class", ylabel="rows")
-    ax_labels.text(0.99, 0.99, f"{len(known):,} labelled, {int((labels < 0).sum()):,} unlabelled", ha="right",
-                   va="top", fontsize=8, transform=ax_labels.transAxes)
+    ax_labels.set(title="label distribution", ylabel="rows",
+                  xlabel=f"class ({len(known):,} labelled, {int((labels < 0).sum()):,} unlabelled rows)")
     fig.suptitle(f"kdstore store {store.path}: {store.num_rows:,} rows", fontsize=10)
     fig.tight_layout()
     out = Path(out)
