@@ -104,6 +104,8 @@ def log_tensorboard(run_dir: str | Path) -> Path | None:
         return None
     steps, evals = read_metrics(run_dir)
     out = Path(run_dir) / TENSORBOARD_DIR
+    for old in out.glob("events.out.tfevents.*"):  # a copy of metrics.jsonl: rewritten whole (after a resume too)
+        old.unlink()
     writer = SummaryWriter(log_dir=str(out))
     try:
         for prefix, records in (("train", steps), ("eval", evals)):

@@ -5,6 +5,7 @@ and the Python API snippet of docs/TRAINING.md, run as written, on a small real 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -113,6 +114,7 @@ arch = "mlp"
 out_dir = "{out}"
 epochs = 3
 threads = 1
+eval_every_epochs = 1
 log_every_steps = 2
 checkpoint_every_steps = 0
 progress = false
@@ -134,6 +136,16 @@ weight = 0.9
 
     drawn = plot_training(out, tmp_path / "again.png")
     assert drawn["titles"] == ["loss terms", "eval accuracy", "agreement with the teacher (eval)", "learning rate"]
+    if importlib.util.find_spec("tensorboard") is not None:  # optional; the dev extra installs it
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        assert f"tensorboard --logdir {out / 'tensorboard'}" in result.output
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+        assert [(e.step, round(e.value, 5)) for e in events.Scalars("eval/accuracy")] == \
+            [(r["step"], round(r["accuracy"], 5)) for r in evals]
+        assert {"train/loss", "train/loss/0.ce", "train/loss/1.kd", "eval/teacher_agreement"} <= set(events.Tags()["scalars"])
 
 
 def test_info_plot_draws_the_store_statistics(small, tmp_path):
