@@ -23,7 +23,7 @@ def main() -> None:
     \b
     Typical flow:
       kdstore shards fashion-mnist data/           # real input shards (WebDataset tars)
-      kdstore teacher fashion-mnist runs/cnn.pt    # a small built-in teacher (optional)
+      kdstore teacher fashion-mnist runs/cnn.pt    # a small built-in teacher, 1500 steps (optional)
       kdstore precompute --store runs/store --inputs 'data/train-{000000..000029}.tar' \\
           --teacher kdstore.pipeline.zoo:fashion_cnn --teacher-arg weights=runs/cnn.pt \\
           --output logits --output topk:5
@@ -36,20 +36,26 @@ def main() -> None:
 @main.command("teacher")
 @click.argument("dataset", type=click.Choice(["fashion-mnist"]))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--seconds", default=60.0, show_default=True, help="Training time budget.")
+@click.option("--steps", default=None, type=int, help="Optimiser steps (batch 128)  [default: 1500, about 3 epochs].")
+@click.option("--seconds", default=None, type=float,
+              help="Also stop after this wall time. Machine-dependent: a slower machine gets a weaker teacher.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=1, show_default=True,
+              help="torch CPU threads; the same steps, seed and threads give the same weights on any machine speed.")
 @click.option("--force", is_flag=True, help="Retrain even when OUT exists.")
 @user_errors
-def teacher_cmd(dataset: str, out: Path, seconds: float, seed: int, force: bool) -> None:
-    """Train the built-in Fashion-MNIST CNN teacher and save its weights to OUT (reused when present)."""
-    from kdstore.pipeline.zoo import train_fashion_cnn
+def teacher_cmd(dataset: str, out: Path, steps: int | None, seconds: float | None, seed: int, threads: int, force: bool) -> None:
+    """Train the built-in Fashion-MNIST CNN teacher for a fixed number of steps and save it to OUT (reused when present)."""
+    from kdstore.pipeline.zoo import TEACHER_STEPS, train_fashion_cnn
 
     if out.exists() and not force:
         info = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
-        click.echo(f"teacher {out} exists (test accuracy {info.get('test_accuracy', '?')}); --force to retrain")
+        click.echo(f"teacher {out} exists ({info.get('steps', '?')} steps, test accuracy {info.get('test_accuracy', '?')}); "
+                   "--force to retrain")
         return
-    info = train_fashion_cnn(out, seconds=seconds, seed=seed)
-    click.echo(f"teacher saved to {out}: test accuracy {info['test_accuracy']:.4f} after {info['seconds']:.0f}s")
+    info = train_fashion_cnn(out, steps=steps or TEACHER_STEPS, seconds=seconds, seed=seed, threads=threads, echo=click.echo)
+    click.echo(f"teacher saved to {out}: test accuracy {info['test_accuracy']:.4f} after {info['steps']} steps "
+               f"({info['seconds']:.0f}s" + (", stopped by --seconds" if info["stopped_by_time"] else "") + ")")
 
 
 def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
@@ -129,8 +135,11 @@ def _human(nbytes: float) -> str:
 @main.command("info")
 @click.argument("store_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw per-field bytes, the teachers' confidence histogram and the label distribution to this PNG.")
+@click.option("--keys", "show_keys", is_flag=True, help="Also list the first stored keys (see `kdstore keys`).")
 @user_errors
-def info_cmd(store_path: Path, as_json: bool) -> None:
+def info_cmd(store_path: Path, as_json: bool, plot_path: Path | None = None, show_keys: bool = False) -> None:
     """Rows, shards done/missing, teachers and their fields (shape, dtype, bytes on disk, bytes/sample)."""
     from rich.console import Console
     from rich.table import Table
@@ -139,6 +148,13 @@ def info_cmd(store_path: Path, as_json: bool) -> None:
     from kdstore.store.verify import summarize
 
     summary = summarize(open_store(store_path))
+    if plot_path is not None:
+        from kdstore.cli.plots import plot_store
+
+        drawn = plot_store(store_path, plot_path)
+        click.echo(f"store statistics -> {drawn['path']}", err=as_json)
+    if show_keys:
+        _print_keys(store_path, limit=20, shard=None, as_json=False)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
@@ -167,6 +183,45 @@ def info_cmd(store_path: Path, as_json: bool) -> None:
             continue
         console.print(f"index {idx['name']}: {idx.get('kind', '?')} {idx.get('metric', '')} "
                       f"ntotal={idx.get('ntotal', '?')} dim={idx.get('dim', '?')} {_human(idx['bytes_on_disk'])}")
+
+
+def _print_keys(store_path: Path, *, limit: int, shard: int | None, as_json: bool, offset: int = 0) -> None:
+    import numpy as np
+
+    from kdstore.store.errors import InputError
+    from kdstore.store.reader import open_store
+
+    store = open_store(store_path)
+    table = store.samples()
+    rows = np.arange(store.num_rows)
+    if shard is not None:
+        if not 0 <= shard < len(store.shards):
+            raise InputError(f"--shard must be in 0..{len(store.shards) - 1}, got {shard}")
+        rows = rows[table.column("shard").to_numpy() == shard]
+    total = len(rows)
+    rows = rows[offset:] if not limit else rows[offset : offset + limit]
+    keys, labels, shards = store.keys, store.labels, table.column("shard").to_numpy()
+    if not as_json:
+        click.echo(f"{'row':>8}  {'shard':>5}  {'label':>5}  key")
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps({"row": int(row), "key": keys[row], "shard": int(shards[row]), "label": int(labels[row])}))
+        else:
+            click.echo(f"{row:>8}  {shards[row]:>5}  {labels[row]:>5}  {keys[row]}")
+    if not as_json and len(rows) < total:
+        click.echo(f"... {len(rows)} of {total:,} rows shown (--limit 0 lists all; --offset, --shard select)")
+
+
+@main.command("keys")
+@click.argument("store_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--limit", default=20, show_default=True, help="Rows to list (0 = all).")
+@click.option("--offset", default=0, show_default=True, help="Skip this many rows first.")
+@click.option("--shard", type=int, default=None, help="Only this shard's rows (its index, as in `kdstore info`).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines: row, key, shard, label.")
+@user_errors
+def keys_cmd(store_path: Path, limit: int, offset: int, shard: int | None, as_json: bool) -> None:
+    """List stored samples: row, shard, label (-1 = none) and key (for `kdstore query --key`)."""
+    _print_keys(store_path, limit=limit, shard=shard, as_json=as_json, offset=offset)
 
 
 @main.command("verify")

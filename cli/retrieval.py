@@ -15,7 +15,7 @@ from kdstore.cli.common import user_errors
 
 STORE_ARG = click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 TEACHER_OPT = click.option("--teacher", "teacher", required=True, help="Teacher name in the store.")
-FIELD_OPT = click.option("--field", default="embedding", show_default=True, help="Stored field to index ([D] per row).")
+FIELD_OPT = click.option("--field", default="embedding", show_default=True, help="Stored vector field ([D] per row): the one indexed (index, mine) or searched (query).")
 
 
 def _index_options(fn):
@@ -144,11 +144,16 @@ def mine_cmd(store: Path, teacher: str, field: str, name: str | None, rebuild_in
 def query_cmd(store: Path, teacher: str, field: str, k: int, as_json: bool, **kw) -> None:
     """Print the K stored rows nearest to one query (by key, row, vector, text or image).
 
+    A query by --key or --row leaves that row itself out of the results; a --vector, --text
+    or --image query keeps every row (an exact copy of a stored sample comes back first).
+    Keys and rows: `kdstore keys STORE`.
+
     --text and --image rebuild the store's teacher to embed the query: name its factory with
     --teacher-factory (checked against the store's record) or pass --trust-store.
     """
     from kdstore.pipeline.embed import query
     from kdstore.store.lock import store_lock
+    from kdstore.store.reader import open_store
 
     with store_lock(store, shared=True):
         hits = query(store, teacher, field, k=k, **kw)
@@ -156,6 +161,13 @@ def query_cmd(store: Path, teacher: str, field: str, k: int, as_json: bool, **kw
         for hit in hits:
             click.echo(json.dumps(hit._asdict()))
         return
+    given = {name: value for name, value in kw.items() if value is not None and name in ("key", "row", "vector", "text", "image")}
+    if "key" in given or "row" in given:
+        s = open_store(store)
+        row = s.key_to_row[given["key"]] if "key" in given else given["row"]
+        click.echo(f"query: row {row}, key {s.keys[row]}, label {s.labels[row]} (left out of the results)")
+    else:
+        click.echo("query: " + ", ".join(f"{name} {value}" for name, value in given.items()))
     click.echo(f"{'rank':>4}  {'row':>8}  {'score':>8}  {'label':>5}  key")
     for rank, hit in enumerate(hits):
         click.echo(f"{rank:>4}  {hit.row:>8}  {hit.score:>8.4f}  {hit.label:>5}  {hit.key}")

@@ -16,7 +16,7 @@ def print_summary(recipe, result) -> None:
     rows = [("objective", describe(recipe.cfg.loss)), ("student", recipe.cfg.model.arch), ("ranks × workers",
             f"{recipe.world_size} × {max(1, recipe.cfg.data.workers)}"), ("device", str(recipe.device)),
             ("steps", f"{result.steps:,}"), ("epochs", f"{result.epochs:.2f}"), ("train time", f"{result.seconds:.1f} s"),
-            ("samples/s", f"{result.samples_per_s:,.0f}")]
+            ("samples/s, whole run with evals", f"{result.samples_per_s:,.0f}")]
     for key, value in result.eval.items():
         rows.append((f"eval {key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
     for name, value in rows:

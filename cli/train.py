@@ -34,9 +34,11 @@ def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, overwrite
     \b
     Run on more processes with torchrun (DDP; gloo on CPU, nccl on CUDA):
       torchrun --nproc_per_node 2 -m kdstore.cli.main train configs/fashion_few_labels_kd.toml
-    Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/student.pt and OUT/summary.json;
+    Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/student.pt, OUT/summary.json and
+    OUT/training.png (the curves; also OUT/tensorboard/ when TensorBoard is installed);
     a non-empty OUT is refused unless --resume or --overwrite is given.
     """
+    from kdstore.cli.plots import after_run
     from kdstore.store.lock import store_lock
     from kdstore.train.config import load_config
     from kdstore.cli.summary import print_summary
@@ -52,5 +54,9 @@ def train_cmd(config, overrides, store, out_dir, seed, epochs, resume, overwrite
     if print_config:
         click.echo(json.dumps(cfg.to_dict(), indent=1))
         return
+    def on_done(recipe, result) -> None:
+        print_summary(recipe, result)
+        after_run(recipe.out_dir, echo=click.echo)
+
     with store_lock(cfg.data.store, shared=True):  # precompute --overwrite is refused meanwhile
-        run(cfg, resume=resume_from or resume, overwrite=overwrite, on_done=print_summary)
+        run(cfg, resume=resume_from or resume, overwrite=overwrite, on_done=on_done)

@@ -339,20 +339,6 @@ def test_every_loss_kind_trains_end_to_end(kd, tmp_path):
     assert {"accuracy_ce_head", "accuracy_kd_head"} <= set(result.eval)
 
 
-def test_few_labels_demo_compares_both_students_on_equal_steps(kd, tmp_path):
-    from kdstore.train.recipe import few_labels_demo
-
-    lines = []
-    result = few_labels_demo(kd["store"], kd["data"], seeds=(0,), workdir=tmp_path / "demo", epochs=2,
-                             labels="per_class:3", echo=lines.append)
-    assert len(result["labels_only"]) == len(result["distilled"]) == 1
-    assert 0.0 <= result["labels_only_mean"] <= 1.0 and 0.0 <= result["distilled_mean"] <= 1.0
-    assert result["steps"] == 2 * -(-TRAIN_SHARDS * SHARD // 256)
-    assert "labels-only" in lines[-1] and "distilled from the store" in lines[-1]
-    for name in ("labels_only-seed0", "distilled-seed0"):
-        assert json.loads((tmp_path / "demo" / name / "summary.json").read_text())["steps"] == result["steps"]
-
-
 def test_online_kd_runs_the_teacher_on_fresh_augmentations(kd, tmp_path):
     online = {"enabled": True, "teacher": "cnn", "factory": "kdstore.pipeline.zoo:fashion_cnn",
               "teacher_args": {"weights": str(kd["weights"][0])}, "augment": "rrc:scale=0.5-1;hflip:p=0.5"}

@@ -35,7 +35,7 @@ from kdstore.store.reader import open_store
 from kdstore.store.schema import write_json_atomic
 from kdstore.train import checkpoint as ck
 from kdstore.train.checkpoint import CHECKPOINT_DIR, METRICS_FILE  # noqa: F401 (re-exported)
-from kdstore.train.config import Config, OptimConfig, parse_config
+from kdstore.train.config import Config, OptimConfig
 from kdstore.train.dataset import InputCache, StreamingDataset, collate
 from kdstore.train.evaluate import eval_dataset, eval_teacher, predict, summarize_predictions
 from kdstore.train.mined import MinedNegatives
@@ -381,7 +381,8 @@ class Recipe:
                     window_start, window_samples = now, 0
                     self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                               "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate, **parts})
-                    bar.set_postfix(loss=f"{parts['loss']:.4f}", samples_s=f"{rate:,.0f}", refresh=False)
+                    bar.set_postfix({"loss": f"{parts['loss']:.4f}", f"samples/s, last {cfg.log_every_steps} steps": f"{rate:,.0f}"},
+                                    refresh=False)
                 bar.update(1)
                 if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
                     self.save_checkpoint()
@@ -448,59 +449,3 @@ def run(cfg: Config, *, resume: bool | str | Path = False, overwrite: bool = Fal
         return result
     finally:
         recipe.cleanup()
-
-
-def few_labels_demo(
-    store_path: str | Path,
-    shards_dir: str | Path | None = None,
-    teacher: str = "cnn",
-    seeds: Sequence[int] = (0,),
-    *,
-    workdir: str | Path = "runs/few_labels",
-    epochs: int = 10,
-    temperature: float = 1.0,
-    alpha: float = 0.9,
-    labels: str = "per_class:100",
-    echo: Callable[[str], Any] = print,
-) -> dict:
-    """The few-labels result on a Fashion-MNIST store: labels-only vs distilled test accuracy.
-
-    Both students (MLP 784-32-10) stream the same 60,000 training rows in the same order
-    with the same optimiser, steps and cosine schedule; the labels-only one learns from the
-    1,000 labelled rows alone (CE; every other row has label -1), the distilled one adds
-    KD from the stored logits of ``teacher`` on every row (weights ``1 - alpha`` and
-    ``alpha``; ``temperature`` and ``alpha`` are the values chosen on a validation split,
-    docs/TRAINING.md). Decoded inputs are cached in memory and shared by the runs;
-    ``shards_dir`` relocates the input shards (matched by file name).
-
-    Returns ``{"labels_only": [acc per seed], "distilled": [...], "labels_only_mean",
-    "distilled_mean", "gain_points", "steps"}``.
-    """
-    cache = InputCache()
-    inputs = [str(Path(shards_dir) / "*.tar")] if shards_dir else []
-    result: dict[str, Any] = {"labels_only": [], "distilled": [], "teacher": teacher}
-    runs = (("labels_only", [{"kind": "ce"}]),
-            ("distilled", [{"kind": "ce", "weight": 1.0 - alpha},
-                           {"kind": "kd", "teacher": teacher, "temperature": temperature, "weight": alpha}]))
-    first = True
-    for seed in seeds:
-        for name, losses in runs:
-            doc = {
-                "data": {"store": str(store_path), "train_shards": ["train-"], "eval_shards": ["test-"], "inputs": inputs,
-                         "labels": labels, "batch_size": 256, "cache": True, "verify_inputs": "full" if first else "quick"},
-                "model": {"arch": "mlp", "hidden": 32},
-                "train": {"out_dir": str(Path(workdir) / f"{name}-seed{seed}"), "epochs": epochs, "seed": seed,
-                          "threads": 1, "checkpoint_every_steps": 0, "eval_every_epochs": 0, "progress": False},
-                "loss": losses,
-            }
-            first = False
-            start = time.perf_counter()
-            res = run(parse_config(doc), cache=cache)
-            result[name].append(res.eval["accuracy"])
-            result["steps"] = res.steps
-            echo(f"    seed {seed} {name.replace('_', '-'):12s} test accuracy {res.eval['accuracy']:.4f}  "
-                 f"({time.perf_counter() - start:.0f}s, {res.steps} steps)")
-    lo, kd = float(np.mean(result["labels_only"])), float(np.mean(result["distilled"]))
-    result.update(labels_only_mean=lo, distilled_mean=kd, gain_points=100 * (kd - lo))
-    echo(f"    1,000 labels: labels-only {lo:.4f} -> distilled from the store {kd:.4f} ({100 * (kd - lo):+.1f} points)")
-    return result
