@@ -112,7 +112,7 @@ def few_labels_demo(
                 first = False
             echo(f"    {label} training {epochs} epochs ...")
             start = time.perf_counter()
-            res = run(parse_config(doc), cache=cache)
+            res = run(parse_config(doc), cache=cache, overwrite=True)  # not reusable: this run starts over
             acc = res.eval["accuracy"]
             result[name].append(acc)
             result["steps"] = res.steps
