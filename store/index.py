@@ -33,12 +33,14 @@ import numpy as np
 from kdstore.store.errors import InputError, StoreCorruptError
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+# "exact": no FAISS index, a blocked matrix product (kdstore.store.mine_exact); never saved.
+SPEC_KINDS = ("exact", *KINDS)
 METRICS = ("cosine", "ip", "l2")
 INDEX_FORMAT = "kdstore-faiss-index"
 INDEX_FORMAT_VERSION = 1
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
 
-Kind = Literal["flat", "ivf", "hnsw", "ivfpq"]
+Kind = Literal["exact", "flat", "ivf", "hnsw", "ivfpq"]
 Metric = Literal["cosine", "ip", "l2"]
 
 
@@ -77,8 +79,8 @@ class IndexSpec:
     add_batch_rows: int = 65536
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise InputError(f"index kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in SPEC_KINDS:
+            raise InputError(f"index kind must be one of {', '.join(SPEC_KINDS)}, got {self.kind!r}")
         if self.metric not in METRICS:
             raise InputError(f"index metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         for name in ("nlist", "nprobe", "pq_m", "train_rows"):
@@ -314,7 +316,7 @@ def build_index(
     progress: bool = False,
     meta: dict[str, Any] | None = None,
 ) -> VectorIndex:
-    """Build an index over ``vectors``.
+    """Build an index over ``vectors`` (``kind="exact"``: an in-memory :class:`~kdstore.store.mine_exact.ExactIndex`).
 
     Args:
         vectors: ``[n, dim]`` float array-like supporting ``vectors[a:b]`` and
@@ -331,6 +333,10 @@ def build_index(
     if len(shape) != 2:
         raise InputError(f"an index needs a 2-d array [rows, dim], got shape {shape}")
     n, dim = int(shape[0]), int(shape[1])
+    if spec.kind == "exact":
+        from kdstore.store.mine_exact import ExactIndex
+
+        return ExactIndex(vectors, metric=spec.metric, row_ids=row_ids, add_batch_rows=spec.add_batch_rows, meta=meta)
     spec = spec.resolved(n, dim)
     if row_ids is None:
         row_ids = np.arange(n, dtype=np.int64)
