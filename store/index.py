@@ -415,3 +415,37 @@ def load_index(path: str | os.PathLike[str], *, mmap: bool = False, use_gpu: boo
         index, spec=spec, dim=int(meta["dim"]), row_ids=row_ids, on_gpu=on_gpu,
         build_seconds=float(meta.get("build_seconds", 0.0)), meta=extra,
     )
+
+
+# Which kinds each IndexSpec parameter acts on; nprobe / ef_search are search-time (no rebuild).
+OPTION_KINDS: dict[str, tuple[str, ...]] = {
+    "nlist": ("ivf", "ivfpq"), "nprobe": ("ivf", "ivfpq"), "train_rows": ("ivf", "ivfpq"), "seed": ("ivf", "ivfpq"),
+    "hnsw_m": ("hnsw",), "ef_construction": ("hnsw",), "ef_search": ("hnsw",),
+    "pq_m": ("ivfpq",), "pq_nbits": ("ivfpq",), "add_batch_rows": KINDS,
+}
+SEARCH_OPTIONS = ("nprobe", "ef_search")
+
+
+def check_options_apply(kind: str, options: dict[str, Any], *, why: str = "") -> None:
+    """InputError naming every given parameter that ``kind`` would ignore (``options``: only given ones)."""
+    unknown = sorted(set(options) - set(OPTION_KINDS) - {"kind", "metric"})
+    if unknown:
+        raise InputError(f"unknown index option(s) {', '.join(unknown)}")
+    idle = [name for name in OPTION_KINDS if name in options and kind not in OPTION_KINDS[name]]
+    if idle:
+        detail = "; ".join(f"{n} applies to {'/'.join(OPTION_KINDS[n])}" for n in idle)
+        raise InputError(f"index kind {kind}{why} does not use {', '.join(idle)} ({detail}): drop it or give --kind")
+
+
+def option_mismatches(spec: IndexSpec, options: dict[str, Any]) -> list[str]:
+    """``name saved→given`` for each given build-time option (kind, metric, parameters) ``spec`` differs in.
+
+    Search-time options (:data:`SEARCH_OPTIONS`) are not mismatches: they are set on the loaded index.
+    """
+    out = []
+    for name, value in options.items():
+        if name in SEARCH_OPTIONS or name == "add_batch_rows":
+            continue
+        if getattr(spec, name) != value:
+            out.append(f"{name} {getattr(spec, name)}→{value}")
+    return out

@@ -129,6 +129,7 @@ class MineStats:
     short_rows: int = 0  # rows that got fewer than num_negatives
     negatives: int = 0
     seconds: float = 0.0
+    index: str = ""  # which index mined (set by kdstore.store.retrieval.mine_store)
 
     def add_skip(self, reason: str, count: int) -> None:
         if count:
