@@ -13,8 +13,8 @@ teacher's outputs changed raises :class:`StoreMismatchError`.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,10 +22,10 @@ import numpy as np
 
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.index import (
+    OPTION_KINDS,
     IndexSpec,
     VectorIndex,
     build_index,
-    OPTION_KINDS,
     check_options_apply,
     load_index,
     option_mismatches,
