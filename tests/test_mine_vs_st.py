@@ -9,16 +9,15 @@ Gaussian vectors: no two scores tie.
 
 from __future__ import annotations
 
+import datasets  # the dev extra; sentence-transformers comes with the text extra (CI installs both)
 import numpy as np
 import pytest
+import sentence_transformers as st
 import torch
 from torch import nn
 
 from kdstore.store.index import IndexSpec, build_index
 from kdstore.store.mine import MineSpec, mine
-
-st = pytest.importorskip("sentence_transformers")
-datasets = pytest.importorskip("datasets")
 
 NQ, NC, D, LABELS = 24, 60, 8, 4
 
