@@ -18,23 +18,45 @@ TEACHER_OPT = click.option("--teacher", "teacher", required=True, help="Teacher 
 FIELD_OPT = click.option("--field", default="embedding", show_default=True, help="Stored vector field ([D] per row): the one indexed (index, mine) or searched (query).")
 
 
-def _index_options(fn):
+def _index_options(fn=None, *, mine: bool = False):
+    """The index options; for ``mine`` every default is None (= not given: see get_or_build_index)."""
+    if fn is None:
+        return lambda f: _index_options(f, mine=mine)
+
+    def d(value):
+        return None if mine else value
+
+    kinds = ["exact", "flat", "ivf", "hnsw", "ivfpq"] if mine else ["flat", "ivf", "hnsw", "ivfpq"]
+    show = not mine
     options = [
-        click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw", "ivfpq"]), default="hnsw", show_default=True),
-        click.option("--metric", type=click.Choice(["cosine", "ip", "l2"]), default="cosine", show_default=True),
+        click.option("--kind", type=click.Choice(kinds), default=d("hnsw"), show_default=show,
+                     help="[default: exact up to 50,000 rows, above: the saved index, else hnsw]" if mine else None),
+        click.option("--metric", type=click.Choice(["cosine", "ip", "l2"]), default=d("cosine"), show_default=show,
+                     help="[default: cosine]" if mine else None),
         click.option("--nlist", type=int, default=None, help="IVF lists [default: power of two nearest 4*sqrt(rows)]."),
         click.option("--nprobe", type=int, default=None, help="IVF lists searched [default: nlist/16, at least 8]."),
-        click.option("--hnsw-m", type=int, default=32, show_default=True, help="HNSW links per node."),
-        click.option("--ef-construction", type=int, default=40, show_default=True),
-        click.option("--ef-search", type=int, default=64, show_default=True),
+        click.option("--hnsw-m", type=int, default=d(32), show_default=show, help="HNSW links per node" + (" [default: 32]." if mine else ".")),
+        click.option("--ef-construction", type=int, default=d(40), show_default=show, help="[default: 40]" if mine else None),
+        click.option("--ef-search", type=int, default=d(64), show_default=show, help="[default: 64]" if mine else None),
         click.option("--pq-m", type=int, default=None, help="IVF-PQ sub-quantisers (divides dim) [default: dim/8]."),
-        click.option("--pq-nbits", type=int, default=8, show_default=True),
+        click.option("--pq-nbits", type=int, default=d(8), show_default=show, help="[default: 8]" if mine else None),
         click.option("--train-rows", type=int, default=None, help="Rows sampled to train IVF [default: 256*nlist]."),
-        click.option("--index-seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means."),
+        click.option("--index-seed", type=int, default=d(0), show_default=show,
+                     help="Seed of the training sample and k-means" + (" [default: 0]." if mine else ".")),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+_OPTION_NAMES = ("kind", "metric", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search", "pq_m", "pq_nbits",
+                 "train_rows", "index_seed")
+
+
+def _given_index_options(kw: dict) -> dict:
+    """Pop the index options from ``kw``; keep those given (not None), named as IndexSpec fields."""
+    values = {name: kw.pop(name) for name in _OPTION_NAMES}
+    return {("seed" if k == "index_seed" else k): v for k, v in values.items() if v is not None}
 
 
 def _index_spec(kw: dict):
@@ -93,26 +115,29 @@ def index_cmd(store: Path, teacher: str, field: str, stream: bool, **kw) -> None
 @click.option("--sampling", type=click.Choice(["top", "random"]), default="top", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sampling random.")
 @click.option("--batch-rows", type=int, default=4096, show_default=True, help="Queries per index search.")
-@click.option("--rebuild-index", is_flag=True, help="Build (and save) the index again with the options below first.")
-@_index_options
+@click.option("--rebuild-index", is_flag=True, help="Build (and save) the FAISS index again with the options below first.")
+@_index_options(mine=True)
 @user_errors
 def mine_cmd(store: Path, teacher: str, field: str, name: str | None, rebuild_index: bool, pairs: Path | None, **kw) -> None:
     """Mine hard negatives for every indexed row: STORE/negatives/NAME.parquet.
 
-    Options follow sentence-transformers' mine_hard_negatives. The saved index is used
-    (built first when missing). Columns: row, key, positive_row, positive_score,
-    negative_rows, negative_scores.
+    Options follow sentence-transformers' mine_hard_negatives. Without --kind: exact search
+    (blocked matrix product, no FAISS) up to 50,000 rows; above, the saved index, else HNSW.
+    A saved index is used only when it matches the index options given; otherwise the
+    requested one is built and saved; options the kind does not use are refused.
+    Columns: row, key, positive_row, positive_score, negative_rows, negative_scores.
     """
     from kdstore.store.lock import store_lock
     from kdstore.store.mine import MineSpec
     from kdstore.store.retrieval import mine_store
 
-    index_spec = _index_spec(kw)
+    index_options = _given_index_options(kw)
     spec = MineSpec(**kw)
     with store_lock(store, shared=True):
         path, stats = mine_store(
-            store, teacher, field, spec, name=name, pairs=pairs, index_spec=index_spec if rebuild_index else None
+            store, teacher, field, spec, name=name, pairs=pairs, index_options=index_options, rebuild_index=rebuild_index
         )
+    click.echo(f"index: {stats.index}")
     click.echo(f"mined {stats.negatives} negatives for {stats.queries} rows in {stats.seconds:.2f} s -> {path}")
     click.echo(f"candidates {stats.candidates}; skipped " + (", ".join(f"{k} {v}" for k, v in stats.skipped.items()) or "none"))
     if stats.short_rows:

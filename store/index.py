@@ -33,12 +33,14 @@ import numpy as np
 from kdstore.store.errors import InputError, StoreCorruptError
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+# "exact": no FAISS index, a blocked matrix product (kdstore.store.mine_exact); never saved.
+SPEC_KINDS = ("exact", *KINDS)
 METRICS = ("cosine", "ip", "l2")
 INDEX_FORMAT = "kdstore-faiss-index"
 INDEX_FORMAT_VERSION = 1
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
 
-Kind = Literal["flat", "ivf", "hnsw", "ivfpq"]
+Kind = Literal["exact", "flat", "ivf", "hnsw", "ivfpq"]
 Metric = Literal["cosine", "ip", "l2"]
 
 
@@ -77,8 +79,8 @@ class IndexSpec:
     add_batch_rows: int = 65536
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise InputError(f"index kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in SPEC_KINDS:
+            raise InputError(f"index kind must be one of {', '.join(SPEC_KINDS)}, got {self.kind!r}")
         if self.metric not in METRICS:
             raise InputError(f"index metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         for name in ("nlist", "nprobe", "pq_m", "train_rows"):
@@ -314,7 +316,7 @@ def build_index(
     progress: bool = False,
     meta: dict[str, Any] | None = None,
 ) -> VectorIndex:
-    """Build an index over ``vectors``.
+    """Build an index over ``vectors`` (``kind="exact"``: an in-memory :class:`~kdstore.store.mine_exact.ExactIndex`).
 
     Args:
         vectors: ``[n, dim]`` float array-like supporting ``vectors[a:b]`` and
@@ -331,6 +333,10 @@ def build_index(
     if len(shape) != 2:
         raise InputError(f"an index needs a 2-d array [rows, dim], got shape {shape}")
     n, dim = int(shape[0]), int(shape[1])
+    if spec.kind == "exact":
+        from kdstore.store.mine_exact import ExactIndex
+
+        return ExactIndex(vectors, metric=spec.metric, row_ids=row_ids, add_batch_rows=spec.add_batch_rows, meta=meta)
     spec = spec.resolved(n, dim)
     if row_ids is None:
         row_ids = np.arange(n, dtype=np.int64)
@@ -409,3 +415,37 @@ def load_index(path: str | os.PathLike[str], *, mmap: bool = False, use_gpu: boo
         index, spec=spec, dim=int(meta["dim"]), row_ids=row_ids, on_gpu=on_gpu,
         build_seconds=float(meta.get("build_seconds", 0.0)), meta=extra,
     )
+
+
+# Which kinds each IndexSpec parameter acts on; nprobe / ef_search are search-time (no rebuild).
+OPTION_KINDS: dict[str, tuple[str, ...]] = {
+    "nlist": ("ivf", "ivfpq"), "nprobe": ("ivf", "ivfpq"), "train_rows": ("ivf", "ivfpq"), "seed": ("ivf", "ivfpq"),
+    "hnsw_m": ("hnsw",), "ef_construction": ("hnsw",), "ef_search": ("hnsw",),
+    "pq_m": ("ivfpq",), "pq_nbits": ("ivfpq",), "add_batch_rows": KINDS,
+}
+SEARCH_OPTIONS = ("nprobe", "ef_search")
+
+
+def check_options_apply(kind: str, options: dict[str, Any], *, why: str = "") -> None:
+    """InputError naming every given parameter that ``kind`` would ignore (``options``: only given ones)."""
+    unknown = sorted(set(options) - set(OPTION_KINDS) - {"kind", "metric"})
+    if unknown:
+        raise InputError(f"unknown index option(s) {', '.join(unknown)}")
+    idle = [name for name in OPTION_KINDS if name in options and kind not in OPTION_KINDS[name]]
+    if idle:
+        detail = "; ".join(f"{n} applies to {'/'.join(OPTION_KINDS[n])}" for n in idle)
+        raise InputError(f"index kind {kind}{why} does not use {', '.join(idle)} ({detail}): drop it or give --kind")
+
+
+def option_mismatches(spec: IndexSpec, options: dict[str, Any]) -> list[str]:
+    """``name saved→given`` for each given build-time option (kind, metric, parameters) ``spec`` differs in.
+
+    Search-time options (:data:`SEARCH_OPTIONS`) are not mismatches: they are set on the loaded index.
+    """
+    out = []
+    for name, value in options.items():
+        if name in SEARCH_OPTIONS or name == "add_batch_rows":
+            continue
+        if getattr(spec, name) != value:
+            out.append(f"{name} {getattr(spec, name)}→{value}")
+    return out

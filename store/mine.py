@@ -1,8 +1,9 @@
-"""Hard-negative mining over a FAISS index, with sentence-transformers' ``mine_hard_negatives`` options.
+"""Hard-negative mining over an index, with sentence-transformers' ``mine_hard_negatives`` options.
 
-Every indexed row is a query (or the rows given). Query batches stream through the index;
-no N×N score matrix is ever built: memory is the index, one batch of ``batch_rows``
-queries and the output.
+Every indexed row is a query (or the rows given). Query batches stream through the index
+(a FAISS :class:`~kdstore.store.index.VectorIndex` or the exact, FAISS-free
+:class:`~kdstore.store.mine_exact.ExactIndex`); no N×N score matrix is ever built: memory is
+the index, one batch of ``batch_rows`` queries and the output.
 
 Per query row ``q`` (all scores from the index's metric, larger = closer):
 
@@ -13,7 +14,7 @@ Per query row ``q`` (all scores from the index's metric, larger = closer):
    ``positive_row = -1``, ``positive_score = NaN``.
 3. **Pool**: the first ``range_max + P`` rows of the neighbour list (``P`` = 1 when positives
    are used, the room sentence-transformers leaves for the positive).
-4. **Filters** on the pool: drop the positive; with ``exclude_same_label`` every row sharing
+4. **Filters** on the pool (the table :data:`FILTERS`, in order): drop the positive; with ``exclude_same_label`` every row sharing
    ``q``'s label; ``absolute_margin``: drop ``s + margin > s_pos``; ``relative_margin``:
    drop ``s > s_pos - |s_pos|·margin``; ``max_score``: drop ``s > max_score``;
    ``min_score``: drop ``s < min_score``. Margins need a positive and apply where one exists.
@@ -22,7 +23,7 @@ Per query row ``q`` (all scores from the index's metric, larger = closer):
    ``num_negatives`` with the smallest seeded hash of ``(seed, q, row)`` (so results do not
    depend on batch size or order), listed in score order. Rows may get fewer negatives.
 
-With a ``flat`` index this equals brute force exactly (see ``tests/test_mine.py``); with
+With an ``exact`` or ``flat`` index this equals brute force exactly (see ``tests/test_mine.py``); with
 IVF/HNSW the neighbour list is approximate; with ``ivfpq`` the candidates' scores are
 recomputed from the stored vectors, so filters never act on quantised scores.
 
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,6 +129,7 @@ class MineStats:
     short_rows: int = 0  # rows that got fewer than num_negatives
     negatives: int = 0
     seconds: float = 0.0
+    index: str = ""  # which index mined (set by kdstore.store.retrieval.mine_store)
 
     def add_skip(self, reason: str, count: int) -> None:
         if count:
@@ -179,6 +181,38 @@ class _LabelGroups:
     def members(self, label: int) -> np.ndarray:
         lo, hi = np.searchsorted(self.sorted_labels, [label, label + 1])
         return self.rows[lo:hi]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidates:
+    """One query batch's candidate pool, what the filter predicates see (``b`` queries, ``k`` candidates)."""
+
+    spec: MineSpec
+    scores: np.ndarray  # float32 [b, k], the index's scores (larger = closer)
+    rows: np.ndarray  # int64 [b, k], candidate rows (-1 = none)
+    pos: np.ndarray  # int64 [b], positive row (-1 = none)
+    has_pos: np.ndarray  # bool [b]
+    pos_score: np.ndarray  # float32 [b, 1], NaN without a positive
+    q_labels: np.ndarray | None  # int64 [b]
+    labels: np.ndarray | None  # int64 [n_rows]
+
+    def same_label(self) -> np.ndarray:
+        cand_labels = self.labels[np.where(self.rows >= 0, self.rows, 0)]
+        return (cand_labels == self.q_labels[:, None]) & (self.q_labels[:, None] >= 0)
+
+
+# The mining filters, applied in this order: (name in MineStats.skipped, predicate → bool [b, k]
+# of candidates to drop, or None when the option is off). Rules: see the module docstring.
+FILTERS: tuple[tuple[str, Callable[[Candidates], np.ndarray | None]], ...] = (
+    ("positive", lambda c: c.rows == c.pos[:, None]),
+    ("same_label", lambda c: c.same_label() if c.spec.exclude_same_label and c.q_labels is not None else None),
+    ("absolute_margin", lambda c: None if c.spec.absolute_margin is None
+        else c.has_pos[:, None] & (c.scores + np.float32(c.spec.absolute_margin) > c.pos_score)),
+    ("relative_margin", lambda c: None if c.spec.relative_margin is None
+        else c.has_pos[:, None] & (c.scores > c.pos_score - np.abs(c.pos_score) * np.float32(c.spec.relative_margin))),
+    ("max_score", lambda c: None if c.spec.max_score is None else c.scores > np.float32(c.spec.max_score)),
+    ("min_score", lambda c: None if c.spec.min_score is None else c.scores < np.float32(c.spec.min_score)),
+)
 
 
 class _Miner:
@@ -257,32 +291,18 @@ class _Miner:
             pos_score[idx] = _scores_pairs(self.metric, q_vecs[idx], self._read(pos[idx]))
         stats.without_positive += int((~has_pos).sum()) if spec.positive != "none" else 0
 
-        keep = pool & (rows != pos[:, None])
-        stats.add_skip("positive", int((pool & ~keep).sum()))
-        if spec.exclude_same_label and q_labels is not None:
-            cand_labels = self.labels[np.where(rows >= 0, rows, 0)]
-            drop = keep & (cand_labels == q_labels[:, None]) & (q_labels[:, None] >= 0)
-            stats.add_skip("same_label", int(drop.sum()))
-            keep &= ~drop
-        ps = pos_score[:, None]
+        cand = Candidates(
+            spec=spec, scores=scores, rows=rows, pos=pos, has_pos=has_pos, pos_score=pos_score[:, None],
+            q_labels=q_labels, labels=self.labels,
+        )
+        keep = pool.copy()
         with np.errstate(invalid="ignore"):
-            if spec.absolute_margin is not None:
-                drop = keep & has_pos[:, None] & (scores + np.float32(spec.absolute_margin) > ps)
-                stats.add_skip("absolute_margin", int(drop.sum()))
-                keep &= ~drop
-            if spec.relative_margin is not None:
-                threshold = ps - np.abs(ps) * np.float32(spec.relative_margin)
-                drop = keep & has_pos[:, None] & (scores > threshold)
-                stats.add_skip("relative_margin", int(drop.sum()))
-                keep &= ~drop
-        if spec.max_score is not None:
-            drop = keep & (scores > np.float32(spec.max_score))
-            stats.add_skip("max_score", int(drop.sum()))
-            keep &= ~drop
-        if spec.min_score is not None:
-            drop = keep & (scores < np.float32(spec.min_score))
-            stats.add_skip("min_score", int(drop.sum()))
-            keep &= ~drop
+            for name, predicate in FILTERS:
+                drop = predicate(cand)
+                if drop is not None:
+                    drop &= keep
+                    stats.add_skip(name, int(drop.sum()))
+                    keep &= ~drop
 
         survivor_rank = np.cumsum(keep, axis=1) - 1
         window = keep & (survivor_rank >= spec.range_min) & (survivor_rank < self.range_max)

@@ -16,6 +16,8 @@ teacher's outputs changed raises :class:`StoreMismatchError`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,9 +25,19 @@ import numpy as np
 
 from kdstore.store import layout
 from kdstore.store.errors import InputError, StoreMismatchError
-from kdstore.store.index import IndexSpec, VectorIndex, build_index, load_index
+from kdstore.store.index import (
+    OPTION_KINDS,
+    IndexSpec,
+    VectorIndex,
+    build_index,
+    check_options_apply,
+    load_index,
+    option_mismatches,
+    read_index_metadata,
+)
 from kdstore.store.layout import INDEX_DIR, NEGATIVES_DIR  # noqa: F401  (re-exported)
 from kdstore.store.mine import MineSpec, MineStats, read_negatives, write_negatives
+from kdstore.store.mine_exact import EXACT_MAX_ROWS, ExactIndex
 from kdstore.store.reader import Store, TeacherData, open_store
 from kdstore.store.schema import EMBEDDING
 
@@ -127,6 +139,8 @@ def build_store_index(
     instead of reading it whole first.
     """
     s = _store(store)
+    if spec is not None and spec.kind == "exact":
+        raise InputError("kind exact needs no saved index: `kdstore mine` builds it in memory (choose a FAISS kind to save)")
     t = s.teacher(teacher)
     source = StoreField(t, field)
     rows = _valid_rows(t)
@@ -171,14 +185,65 @@ def open_store_index(
 
 
 def get_or_build_index(
-    store: Store | str | os.PathLike[str], teacher: str, field: str = "embedding", spec: IndexSpec | None = None,
-    *, progress: bool = True,
-) -> VectorIndex:
-    """The saved index when there is one (and ``spec`` is None), else a freshly built and saved one."""
+    store: Store | str | os.PathLike[str],
+    teacher: str,
+    field: str = "embedding",
+    spec: IndexSpec | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    rebuild: bool = False,
+    progress: bool = True,
+) -> tuple[VectorIndex | ExactIndex, str]:
+    """The index mining uses, and a line saying which (``"exact cosine, built in memory"``, …).
+
+    ``options``: only the :class:`IndexSpec` fields the user gave (``spec``: all of them). Rule:
+
+    - no ``kind``: ``exact`` when the teacher has at most :data:`EXACT_MAX_ROWS` valid rows;
+      above, the saved index when there is one, else HNSW.
+    - ``exact``: built in memory from the field (never saved; ``rebuild`` is refused).
+    - a FAISS kind: the saved index when its kind, metric and given build parameters match
+      (given ``nprobe`` / ``ef_search`` are set on it), else the requested one is built and
+      saved over it. ``rebuild`` always builds.
+
+    Options the chosen kind does not use are refused (InputError), never silently ignored.
+    """
     s = _store(store)
-    if spec is None and index_path(s, teacher, field).with_suffix(".json").is_file():
-        return open_store_index(s, teacher, field)
-    return build_store_index(s, teacher, field, spec, progress=progress)[0]
+    given = dict(options or {})
+    if spec is not None:
+        fields = {k: v for k, v in asdict(spec).items() if k in ("kind", "metric") or spec.kind in OPTION_KINDS.get(k, ())}
+        given = {k: v for k, v in {**fields, **given}.items() if v is not None and k != "add_batch_rows"}
+    kind, why = given.get("kind"), ""
+    t = s.teacher(teacher)
+    rows = _valid_rows(t)
+    json_path = index_path(s, teacher, field).with_suffix(".json")
+    if kind is None:
+        if len(rows) <= EXACT_MAX_ROWS:
+            kind, why = "exact", f" (the default up to {EXACT_MAX_ROWS:,} rows; this store has {len(rows):,})"
+        elif json_path.is_file() and not rebuild:
+            kind, why = read_index_metadata(json_path.with_suffix(".faiss"))["kind"], " (the saved index)"
+        else:
+            kind, why = "hnsw", f" (the default above {EXACT_MAX_ROWS:,} rows)"
+    check_options_apply(kind, given, why=why)
+    metric = given.get("metric", "cosine")
+    if kind == "exact":
+        if rebuild:
+            raise InputError(f"--rebuild-index: the exact path{why} has no saved index to rebuild; give --kind for one")
+        vectors = t.read(field)
+        subset = vectors if len(rows) == s.num_rows else _Rows(vectors, rows)
+        index = ExactIndex(subset, metric=metric, row_ids=rows, meta={"teacher": teacher, "field": field})
+        return index, f"exact {metric}{why}, built in memory in {index.build_seconds:.2f} s"
+    params = {k: v for k, v in given.items() if k not in ("kind", "metric")}
+    if json_path.is_file() and not rebuild:
+        saved = open_store_index(s, teacher, field)
+        mismatches = option_mismatches(saved.spec, {**given, "kind": kind, **({"metric": metric} if "metric" in given else {})})
+        if not mismatches:
+            saved.set_search_params(nprobe=params.get("nprobe"), ef_search=params.get("ef_search"))
+            return saved, f"saved {saved.spec.kind} {saved.metric}{why} index {json_path.with_suffix('.faiss').name}"
+        reason = f"the saved index differs ({', '.join(mismatches)}); built and saved"
+    else:
+        reason = "rebuilt and saved" if rebuild else "built and saved"
+    built, path = build_store_index(s, teacher, field, IndexSpec(kind=kind, metric=metric, **params), progress=progress)
+    return built, f"{kind} {metric}{why}, {reason} in {built.build_seconds:.2f} s -> {path.name}"
 
 
 def read_pairs(path: str | os.PathLike[str], store: Store) -> np.ndarray:
@@ -226,16 +291,21 @@ def mine_store(
     name: str | None = None,
     pairs: str | os.PathLike[str] | None = None,
     index_spec: IndexSpec | None = None,
+    index_options: dict[str, Any] | None = None,
+    rebuild_index: bool = False,
     progress: bool = True,
 ) -> tuple[Path, MineStats]:
     """Mine negatives for every indexed row and write ``STORE/negatives/<name>.parquet``.
 
-    Uses the saved index (built first, and saved, when missing or when ``index_spec`` is
-    given). ``pairs`` names a Parquet/CSV pairs file for ``spec.positive == "pairs"``.
+    The index is chosen by :func:`get_or_build_index` from ``index_spec`` (every field given) or
+    ``index_options`` (only the given ones); ``stats.index`` says which was used. ``pairs``
+    names a Parquet/CSV pairs file for ``spec.positive == "pairs"``.
     """
     s = _store(store)
     spec = spec or MineSpec()
-    index = get_or_build_index(s, teacher, field, index_spec, progress=progress)
+    index, used = get_or_build_index(
+        s, teacher, field, index_spec, options=index_options, rebuild=rebuild_index, progress=progress
+    )
     positive_rows = read_pairs(pairs, s) if pairs is not None else None
     if spec.positive == "pairs" and positive_rows is None:
         raise InputError("--positive pairs needs --pairs FILE (columns anchor, positive)")
@@ -253,8 +323,10 @@ def mine_store(
         positive_rows=positive_rows,
         keys=s.keys,
         progress=progress,
-        extra_metadata={"teacher": teacher, "field": field, "index": index_path(s, teacher, field).name},
+        extra_metadata={"teacher": teacher, "field": field, "index_used": used,
+                        **({"index": index_path(s, teacher, field).name} if index.spec.kind != "exact" else {})},
     )
+    stats.index = used
     return path, stats
 
 

@@ -128,16 +128,17 @@ def data():
     return _data(10)
 
 
+@pytest.mark.parametrize("kind", ["exact", "flat"])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_flat_mining_equals_brute_force(data, name, metric):
+def test_exact_and_flat_mining_equal_brute_force(data, name, metric, kind):
     x, labels, pairs = data
     spec = SPECS[name]
     if metric == "l2" and any(v is not None for v in (spec.max_score, spec.min_score)):
         pytest.skip("score thresholds are chosen for cosine similarities")
     ref, S = brute_force(x, labels, pairs, spec, metric)
     assert _unambiguous(S, spec, ref), "test data has a float32-sized tie; pick another seed"
-    index = build_index(x, IndexSpec(kind="flat", metric=metric))
+    index = build_index(x, IndexSpec(kind=kind, metric=metric))
     keys = np.array([f"k{i:04d}" for i in range(N)])
     table = mine(index, x, spec, labels=labels, positive_rows=pairs, keys=keys, progress=False)
     assert table.column("row").to_pylist() == list(range(N))
