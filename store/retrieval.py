@@ -16,7 +16,6 @@ teacher's outputs changed raises :class:`StoreMismatchError`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
