@@ -109,10 +109,10 @@ def main() -> None:
     print(f"{report['documents']:,} documents ({'slice' if args.docs else 'full corpus'}), "
           f"{report['queries']:,} held-out queries, k = 10; same-topic precision@10 (flat) "
           f"{report['same_topic_precision_at_10']:.3f}")
-    print(f"{'index':<18} {'params':<34} {'recall@10':>9} {'build s':>8} {'search s':>9} {'vs flat':>8}")
+    print(f"{'index':<18} {'params':<40} {'recall@10':>9} {'build s':>8} {'search s':>9} {'vs flat':>8}")
     for r in report["results"]:
         params = ", ".join(f"{k} {v}" for k, v in r["params"].items())
-        print(f"{r['index']:<18} {params:<34} {r['recall_at_10']:>9.4f} {r['build_seconds']:>8.2f} "
+        print(f"{r['index']:<18} {params:<40} {r['recall_at_10']:>9.4f} {r['build_seconds']:>8.2f} "
               f"{r['search_seconds']:>9.4f} {r['speed_vs_flat']:>7.1f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

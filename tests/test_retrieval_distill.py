@@ -5,18 +5,21 @@ space) learns from stored MiniLM embeddings of real news documents: the fixed 5,
 slice of 20 Newsgroups + Reuters-R52 (``minilm_slice`` in conftest.py; 72 topics), 4,000
 for training, 1,000 held out. kdstore mines the training rows (HNSW index; positive =
 nearest same-topic row; 8 negatives among the 100 nearest rows of *other* topics, relative
-margin 0.05). Two arms, same positives, same seed, same steps, no labels in the loss:
+margin 0.05). Two arms, same positives, same seeds, same steps, no labels in the loss:
 
 - ``positives``: ``embedding_cosine`` to the document's own teacher embedding plus
   ``embedding_cosine`` to its mined positive's teacher embedding;
 - ``mined``: the same, plus 0.3 × ``contrastive_distill`` (the mined positive vs the mined
-  negatives' teacher embeddings, T = 0.1). The only thing added is the negatives.
+  negatives' teacher embeddings, T = 0.1): the term that uses the negatives (its positive
+  is the one both arms already pull towards).
 
 The 1,000 held-out documents then query each other (student vs student, "sym") and the
 stored teacher embeddings of the others (student query vs teacher corpus, "asym"); a
-document of the same topic is relevant. ``mined`` must beat ``positives`` by MIN_GAIN on
-recall@10 and nDCG@10 in both.
-MEASURED
+document of the same topic is relevant. Measured on the slice, seeds 0-4, recall@10
+(teacher itself 0.617): sym positives 0.514-0.524, mined 0.517-0.535 (gain +0.002 to
++0.015, mean +0.009); asym positives 0.495-0.502, mined 0.545-0.557 (gain +0.047 to
++0.060). So the test asks for +0.03 asym (recall@10 and nDCG@10) in each of seeds 0-2 and
++0.003 sym on their mean.
 """
 
 from __future__ import annotations
@@ -36,10 +39,16 @@ pytestmark = pytest.mark.slow
 HELD_OUT = 1000
 MAX_WORDS = 200
 EPOCHS = 8
-SEED = 0
+SEEDS = (0, 1, 2)
 WEIGHT, TEMPERATURE = 0.3, 0.1
 ARMS = ("positives", "mined")
-MIN_GAIN = 0.0
+# Gains of ``mined`` over ``positives`` measured on the slice, seeds 0-4 (sym recall@10, sym nDCG@10 |
+# asym recall@10, asym nDCG@10): +0.013 +0.012 | +0.060 +0.057; +0.015 +0.014 | +0.053 +0.053;
+# +0.002 +0.003 | +0.050 +0.049; +0.011 +0.011 | +0.047 +0.049; +0.008 +0.004 | +0.050 +0.051.
+# Asym gains are large in every seed; sym gains are small and vary, so only their mean over SEEDS
+# is held to a bar (seeds 0-2: +0.010 / +0.010; the worst three of the five: +0.007 / +0.006).
+MIN_GAIN_ASYM = 0.03  # every seed
+MIN_GAIN_SYM = 0.003  # mean over SEEDS
 
 
 def prepare(emb: np.ndarray, labels: np.ndarray, texts: list[str]) -> dict:
@@ -161,13 +170,16 @@ def test_mined_negatives_improve_student_retrieval(data, one_thread):
 
     tl = labels[test]
     teacher = _retrieval(emb[test], emb[test], tl)
-    results = {arm: evaluate(data, _train(data, arm, (positives, negatives), seed=SEED)) for arm in ARMS}
     print(f"\n  teacher: recall@10 {teacher[0]:.4f} nDCG@10 {teacher[1]:.4f}")
-    print("\n".join(
-        f"{k:>9}: sym recall@10 {s[0]:.4f} nDCG@10 {s[1]:.4f} | asym recall@10 {a[0]:.4f} nDCG@10 {a[1]:.4f}"
-        for k, (s, a) in results.items()
-    ))
-    for evaluation in (0, 1):  # sym, asym
-        for metric in (0, 1):  # recall@10, nDCG@10
-            gain = results["mined"][evaluation][metric] - results["positives"][evaluation][metric]
-            assert gain >= MIN_GAIN, (evaluation, metric, gain)
+    gains = []  # [seed][sym recall, sym nDCG, asym recall, asym nDCG]
+    for seed in SEEDS:
+        results = {arm: evaluate(data, _train(data, arm, (positives, negatives), seed=seed)) for arm in ARMS}
+        for arm, (s, a) in results.items():
+            print(f"seed {seed} {arm:>9}: sym recall@10 {s[0]:.4f} nDCG@10 {s[1]:.4f} | "
+                  f"asym recall@10 {a[0]:.4f} nDCG@10 {a[1]:.4f}")
+        gains.append([results["mined"][e][m] - results["positives"][e][m] for e in (0, 1) for m in (0, 1)])
+    gains = np.array(gains)
+    print("gain mined - positives (sym recall, sym nDCG, asym recall, asym nDCG): per seed", gains.round(4).tolist(),
+          "mean", gains.mean(0).round(4).tolist())
+    assert (gains[:, 2:] >= MIN_GAIN_ASYM).all(), "mined negatives: student queries find the teacher's neighbours"
+    assert (gains.mean(0)[:2] >= MIN_GAIN_SYM).all(), "mined negatives: student-to-student retrieval, mean of seeds"
