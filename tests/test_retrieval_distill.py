@@ -1,22 +1,25 @@
-"""Mined hard negatives make a distilled text student retrieve better.
+"""Mined hard negatives make a distilled text student retrieve better than the same positives alone.
 
 A bag-of-embeddings student (mean of word vectors, then a linear map into MiniLM's 384-d
-space) learns from stored MiniLM embeddings of real news documents (20 Newsgroups +
-Reuters-R52; the cached embeddings, the numbers a store holds). kdstore mines the training
-rows (HNSW index; positive = nearest same-topic row; 8 negatives among the 100 nearest rows
-of *other* topics, relative margin 0.05). Three runs, same seed, same steps:
+space) learns from stored MiniLM embeddings of real news documents: the fixed 5,000-document
+slice of 20 Newsgroups + Reuters-R52 (``minilm_slice`` in conftest.py; 72 topics), 4,000
+for training, 1,000 held out. kdstore mines the training rows (HNSW index; positive =
+nearest same-topic row; 8 negatives among the 100 nearest rows of *other* topics, relative
+margin 0.05). Two arms, same positives, same seeds, same steps, no labels in the loss:
 
-- ``none``: ``embedding_cosine`` to the document's own teacher embedding;
-- ``positives``: that, plus ``embedding_cosine`` to the mined positive's teacher embedding
-  (the mined positives without their negatives: an ablation);
-- ``mined``: ``none`` plus 0.3 × ``contrastive_distill`` (positive vs the mined negatives'
-  teacher embeddings, T = 0.1).
+- ``positives``: ``embedding_cosine`` to the document's own teacher embedding plus
+  ``embedding_cosine`` to its mined positive's teacher embedding;
+- ``mined``: the same, plus 0.3 × ``contrastive_distill`` (the mined positive vs the mined
+  negatives' teacher embeddings, T = 0.1): the term that uses the negatives (its positive
+  is the one both arms already pull towards).
 
-3,000 held-out documents then query each other (student vs student, "sym") and the stored
-teacher embeddings of the others (student query vs teacher corpus, "asym"); a document of
-the same topic is relevant. ``mined`` must beat ``none`` on recall@10 and nDCG@10 in both.
-Measured here (sym recall@10 / nDCG@10 | asym): teacher 0.680 / 0.703; none 0.686 / 0.700 |
-0.653 / 0.664; positives 0.704 / 0.717 | 0.661 / 0.672; mined 0.725 / 0.740 | 0.712 / 0.725.
+The 1,000 held-out documents then query each other (student vs student, "sym") and the
+stored teacher embeddings of the others (student query vs teacher corpus, "asym"); a
+document of the same topic is relevant. Measured on the slice, seeds 0-4, recall@10
+(teacher itself 0.617): sym positives 0.514-0.524, mined 0.517-0.535 (gain +0.002 to
++0.015, mean +0.009); asym positives 0.495-0.502, mined 0.545-0.557 (gain +0.047 to
++0.060). So the test asks for +0.03 asym (recall@10 and nDCG@10) in each of seeds 0-2 and
++0.003 sym on their mean.
 """
 
 from __future__ import annotations
@@ -33,14 +36,23 @@ from kdstore.store.index import IndexSpec, build_index
 from kdstore.store.mine import MineSpec, mine
 
 pytestmark = pytest.mark.slow
-HELD_OUT = 3000
+HELD_OUT = 1000
 MAX_WORDS = 200
 EPOCHS = 8
+SEEDS = (0, 1, 2)
+WEIGHT, TEMPERATURE = 0.3, 0.1
+ARMS = ("positives", "mined")
+# Gains of ``mined`` over ``positives`` measured on the slice, seeds 0-4 (sym recall@10, sym nDCG@10 |
+# asym recall@10, asym nDCG@10): +0.013 +0.012 | +0.060 +0.057; +0.015 +0.014 | +0.053 +0.053;
+# +0.002 +0.003 | +0.050 +0.049; +0.011 +0.011 | +0.047 +0.049; +0.008 +0.004 | +0.050 +0.051.
+# Asym gains are large in every seed; sym gains are small and vary, so only their mean over SEEDS
+# is held to a bar (seeds 0-2: +0.010 / +0.010; the worst three of the five: +0.007 / +0.006).
+MIN_GAIN_ASYM = 0.03  # every seed
+MIN_GAIN_SYM = 0.003  # mean over SEEDS
 
 
-@pytest.fixture(scope="module")
-def data(minilm_corpus):
-    emb, labels, texts = minilm_corpus
+def prepare(emb: np.ndarray, labels: np.ndarray, texts: list[str]) -> dict:
+    """Seeded split (HELD_OUT test rows), word ids over a vocabulary of the training rows."""
     order = np.random.default_rng(0).permutation(len(emb))
     test, train = np.sort(order[:HELD_OUT]), np.sort(order[HELD_OUT:])
     words = [re.findall(r"[a-z]+", t.lower())[:MAX_WORDS] for t in texts]
@@ -48,6 +60,11 @@ def data(minilm_corpus):
     vocab = {w: i + 1 for i, (w, c) in enumerate(counts.most_common(20_000)) if c >= 3}  # 0 = unknown
     ids = [torch.tensor([vocab.get(w, 0) for w in ws] or [0]) for ws in words]
     return dict(emb=emb, labels=labels, ids=ids, train=train, test=test, vocab_size=len(vocab) + 1)
+
+
+@pytest.fixture(scope="module")
+def data(minilm_slice):
+    return prepare(*minilm_slice)
 
 
 class BagStudent(nn.Module):
@@ -63,9 +80,11 @@ class BagStudent(nn.Module):
         return self.proj(self.bag(torch.cat(docs), offsets))
 
 
-def _train(data, variant: str, mined: tuple[np.ndarray, np.ndarray], *, batch: int = 256, seed: int = 0) -> BagStudent:
+def _train(data, arm: str, mined: tuple[np.ndarray, np.ndarray], *, batch: int = 128, seed: int = 0) -> BagStudent:
+    """``arm``: ``positives`` (cosine to own + to mined positive) or ``mined`` (that + the contrastive term)."""
     from kdstore.train import losses
 
+    assert arm in ARMS
     torch.manual_seed(seed)
     student = BagStudent(data["vocab_size"])
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
@@ -78,15 +97,16 @@ def _train(data, variant: str, mined: tuple[np.ndarray, np.ndarray], *, batch: i
         for a in range(0, len(train), batch):
             rows = train[perm[a : a + batch]]
             s = student([data["ids"][r] for r in rows])
-            loss = losses.embedding_cosine(s, teacher[rows])
             pos = positives[rows]
             has_pos = torch.from_numpy(pos >= 0)
-            if variant == "positives":
-                loss = loss + losses.embedding_cosine(s, teacher[np.maximum(pos, 0)], mask=has_pos)
-            elif variant == "mined":
+            # Same supervision in both arms: the document's own and its mined positive's teacher embedding.
+            loss = losses.embedding_cosine(s, teacher[rows]) + losses.embedding_cosine(
+                s, teacher[np.maximum(pos, 0)], mask=has_pos
+            )
+            if arm == "mined":
                 neg = negatives[rows]  # [b, n] rows, -1 = none
-                loss = loss + 0.3 * losses.contrastive_distill(
-                    s, teacher[np.maximum(pos, 0)], teacher[np.maximum(neg, 0)], temperature=0.1,
+                loss = loss + WEIGHT * losses.contrastive_distill(
+                    s, teacher[np.maximum(pos, 0)], teacher[np.maximum(neg, 0)], temperature=TEMPERATURE,
                     neg_mask=torch.from_numpy(neg >= 0), mask=has_pos,
                 )
             opt.zero_grad()
@@ -119,8 +139,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_mined_negatives_improve_student_retrieval(data, one_thread):
-    emb, labels, train, test = data["emb"], data["labels"], data["train"], data["test"]
+def mine_training_rows(data) -> tuple[np.ndarray, np.ndarray]:
+    """kdstore's HNSW index + miner over the training rows: ``(positives [n], negatives [n, 8])``, -1 = none."""
+    emb, labels, train = data["emb"], data["labels"], data["train"]
     index = build_index(emb[train], IndexSpec(kind="hnsw"), row_ids=train)
     spec = MineSpec(num_negatives=8, range_max=100, exclude_same_label=True, relative_margin=0.05)
     table = mine(index, emb, spec, labels=labels, progress=False)
@@ -129,21 +150,36 @@ def test_mined_negatives_improve_student_retrieval(data, one_thread):
     for row, pos, negs in zip(*(table.column(c).to_pylist() for c in ("row", "positive_row", "negative_rows"))):
         positives[row] = pos
         negatives[row, : len(negs)] = negs
+    return positives, negatives
+
+
+def evaluate(data, student: BagStudent) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Held-out ``((sym recall@10, nDCG@10), (asym recall@10, nDCG@10))``."""
+    test, tl = data["test"], data["labels"][data["test"]]
+    with torch.no_grad():
+        vectors = student([data["ids"][r] for r in test]).numpy()
+    return _retrieval(vectors, vectors, tl), _retrieval(vectors, data["emb"][test], tl)
+
+
+def test_mined_negatives_improve_student_retrieval(data, one_thread):
+    emb, labels, train, test = data["emb"], data["labels"], data["train"], data["test"]
+    positives, negatives = mine_training_rows(data)
     assert (labels[negatives[train]] != labels[train][:, None])[negatives[train] >= 0].all()
     assert np.isin(positives[train], np.append(train, -1)).all(), "positives come from the training rows"
+    assert (positives[train] >= 0).mean() > 0.99 and (negatives[train] >= 0).mean() > 0.8  # slice: 0.998, 0.869
 
     tl = labels[test]
-    results = {"teacher": (_retrieval(emb[test], emb[test], tl), _retrieval(emb[test], emb[test], tl))}
-    for variant in ("none", "positives", "mined"):
-        student = _train(data, variant, (positives, negatives))
-        with torch.no_grad():
-            vectors = student([data["ids"][r] for r in test]).numpy()
-        results[variant] = (_retrieval(vectors, vectors, tl), _retrieval(vectors, emb[test], tl))
-    print("\n" + "\n".join(
-        f"{k:>9}: sym recall@10 {s[0]:.4f} nDCG@10 {s[1]:.4f} | asym recall@10 {a[0]:.4f} nDCG@10 {a[1]:.4f}"
-        for k, (s, a) in results.items()
-    ))
-    for evaluation in (0, 1):  # sym, asym
-        for metric in (0, 1):  # recall@10, nDCG@10
-            assert results["mined"][evaluation][metric] > results["none"][evaluation][metric]
-    assert results["mined"][0][1] > results["positives"][0][1], "the negatives, not only the positives, help"
+    teacher = _retrieval(emb[test], emb[test], tl)
+    print(f"\n  teacher: recall@10 {teacher[0]:.4f} nDCG@10 {teacher[1]:.4f}")
+    gains = []  # [seed][sym recall, sym nDCG, asym recall, asym nDCG]
+    for seed in SEEDS:
+        results = {arm: evaluate(data, _train(data, arm, (positives, negatives), seed=seed)) for arm in ARMS}
+        for arm, (s, a) in results.items():
+            print(f"seed {seed} {arm:>9}: sym recall@10 {s[0]:.4f} nDCG@10 {s[1]:.4f} | "
+                  f"asym recall@10 {a[0]:.4f} nDCG@10 {a[1]:.4f}")
+        gains.append([results["mined"][e][m] - results["positives"][e][m] for e in (0, 1) for m in (0, 1)])
+    gains = np.array(gains)
+    print("gain mined - positives (sym recall, sym nDCG, asym recall, asym nDCG): per seed", gains.round(4).tolist(),
+          "mean", gains.mean(0).round(4).tolist())
+    assert (gains[:, 2:] >= MIN_GAIN_ASYM).all(), "mined negatives: student queries find the teacher's neighbours"
+    assert (gains.mean(0)[:2] >= MIN_GAIN_SYM).all(), "mined negatives: student-to-student retrieval, mean of seeds"
