@@ -302,7 +302,7 @@ def welch(a: list[float], c: list[float]) -> dict:
         q, p = float(stats.t.ppf(0.975, df)), float(2 * stats.t.sf(abs(diff / se), df))
     except ImportError:
         q, p = _T975[min(len(_T975), max(1, int(df))) - 1], None  # floor(df): a slightly wider interval
-    out.update(t=diff / se, df=df, p=p, ci95=[diff - q * se, diff + q * se])
+    out.update(t=float(diff / se), df=float(df), p=p, ci95=[float(diff - q * se), float(diff + q * se)])
     return out
 
 
@@ -346,6 +346,13 @@ def report(b: Bench) -> None:
             w = welch(accs[a], accs[c])
             gains[f"{a} - {c}"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in w.items()}
     b.results["gains"] = gains
+    # exactly what ran, read from the runs themselves (a stage cut short shows as fewer runs)
+    b.results["ran"] = {
+        "tuning_runs": sorted(n for n in b.results["runs"] if n.startswith("tune/")),
+        "test_runs": {r["setting"]: [int(n.rsplit("/s", 1)[1]) for n in b.results["runs"] if n.rsplit("/", 1)[0] == r["setting"]]
+                      for r in rows},
+        "train_seconds_total": round(sum(r["seconds"] for r in b.results["runs"].values()), 1),
+    }
     teacher = next((r["teacher_test_accuracy"] for r in rows if r["setting"].startswith(("few", "full"))), None)
     if teacher is not None:
         b.results["teacher"]["test_accuracy"] = teacher
@@ -403,11 +410,9 @@ def main() -> None:
                 "student": "mlp 784-32-10", "threads": 1}
     b = Bench(args, settings)
     b.results["teacher"] = {"weights": args.teacher_weights, "trained_on": args.teacher_trained_on}
-    b.results.setdefault("ran", {"stages": [], "seeds": []})
-    b.results["ran"] = {"stages": sorted(set(b.results["ran"]["stages"]) | set(args.stage)),
-                        "seeds": sorted(set(b.results["ran"]["seeds"]) | set(args.seeds)),
-                        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs (shared)",
-                        "torch": torch.__version__}
+    b.results["machine"] = {"host": f"{platform.node()} {platform.machine()}", "cpus": os.cpu_count(),
+                            "shared": "~6 engineers on these cores", "torch": torch.__version__,
+                            "loadavg_at_start": [round(x, 1) for x in os.getloadavg()]}
     stages = {"tune": stage_tune, "few": stage_few, "tune-full": stage_tune_full, "full": stage_full, "online": stage_online}
     start = time.perf_counter()
     try:
@@ -415,7 +420,7 @@ def main() -> None:
             stages[name](b)
     finally:
         shutil.rmtree(b.tmp, ignore_errors=True)
-        b.results["ran"]["last_invocation_seconds"] = round(time.perf_counter() - start, 1)
+        b.results["machine"]["last_invocation_seconds"] = round(time.perf_counter() - start, 1)
         report(b)
 
 
