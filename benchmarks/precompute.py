@@ -130,10 +130,17 @@ def run_side(side: str, urls: list[str], teacher: str, weights: str | None, batc
     rows = sum(int(x[1]) for x in lines)
     first_rows = int(min(lines, key=lambda x: float(x[0]))[1])
     stored = _stored_times(out, side)
+    per_proc = {}  # each teacher process's own steady rate; their sum is the rate while all of them run
+    for pid in {x[2] for x in lines}:
+        mine = sorted((float(x[0]), int(x[1])) for x in lines if x[2] == pid)
+        if len(mine) > 1 and mine[-1][0] > mine[0][0]:
+            per_proc[pid] = (sum(n for _, n in mine) - mine[0][1]) / (mine[-1][0] - mine[0][0])
+    firsts = [min(float(x[0]) for x in lines if x[2] == pid) for pid in {x[2] for x in lines}]
     return {
         "side": side, "teacher": teacher, "workers": workers if side != "plain" else 1, "samples": rows,
         "wall_s": t_end - t0, "startup_s": times[0] - t0, "first_shard_s": min(stored) - t0 if stored else None,
         "steady_sps": (rows - first_rows) / (times[-1] - times[0]) if times[-1] > times[0] else None,
+        "steady_sum_sps": sum(per_proc.values()) if per_proc else None, "first_batch_spread_s": max(firsts) - min(firsts),
         "tail_s": t_end - times[-1], "processes": len({x[2] for x in lines}),
         "loadavg_1min_before": round(load, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2),
     }
@@ -275,26 +282,31 @@ def main() -> None:
                     r["repeat"] = rep
                     runs.append(r)
                     print(f"rep {rep} {teacher:6s} {side:10s} wall {r['wall_s']:6.1f}s start-up {r['startup_s']:5.2f}s "
-                          f"steady {r['steady_sps']:7.0f}/s tail {r['tail_s']:4.1f}s load {r['loadavg_1min_before']:.0f}", flush=True)
+                          f"steady {r['steady_sps']:7.0f}/s Σ {r['steady_sum_sps']:7.0f}/s spread {r['first_batch_spread_s']:4.1f}s tail {r['tail_s']:4.1f}s load {r['loadavg_1min_before']:.0f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = []
     for teacher in args.teachers:
         base = _stats([r["steady_sps"] for r in runs if r["teacher"] == teacher and r["side"] == "dataloader"])["median"]
+        base_sum = _stats([r["steady_sum_sps"] for r in runs if r["teacher"] == teacher and r["side"] == "dataloader"])["median"]
         for side in sides:
             rs = [r for r in runs if r["teacher"] == teacher and r["side"] == side]
             row = {"teacher": teacher, "side": side, "workers": rs[0]["workers"], "samples": rs[0]["samples"]}
-            for k in ("wall_s", "startup_s", "first_shard_s", "steady_sps", "tail_s"):
+            for k in ("wall_s", "startup_s", "first_shard_s", "steady_sps", "steady_sum_sps", "first_batch_spread_s", "tail_s"):
                 row[k] = _stats([r[k] for r in rs])
             row["steady_vs_dataloader"] = row["steady_sps"]["median"] / base
+            row["steady_sum_vs_dataloader"] = row["steady_sum_sps"]["median"] / base_sum
             rows.append(row)
     print(f"\n{len(urls)} train shards ({rows[0]['samples']} samples), batch {args.batch_size}, {workers} workers/actors, "
           f"{os.cpu_count()} CPUs, {args.repeats} repeats (median / min)")
-    print(f"{'teacher':7s} {'side':11s} {'wall s':>13s} {'start-up s':>13s} {'1st shard s':>13s} {'steady /s':>13s} {'÷ DL':>5s} {'tail s':>6s}")
+    print(f"{'teacher':7s} {'side':11s} {'wall s':>13s} {'start-up s':>13s} {'1st shard s':>13s} {'steady /s':>13s} {'÷ DL':>5s} "
+          f"{'Σ per proc /s':>13s} {'÷ DL':>5s} {'spread s':>8s} {'tail s':>6s}")
     for r in rows:
         print(f"{r['teacher']:7s} {r['side']:11s} {r['wall_s']['median']:6.1f} /{r['wall_s']['min']:5.1f} "
               f"{r['startup_s']['median']:6.2f} /{r['startup_s']['min']:5.2f} {r['first_shard_s']['median']:6.2f} /{r['first_shard_s']['min']:5.2f} "
-              f"{r['steady_sps']['median']:6.0f} /{r['steady_sps']['max']:5.0f} {r['steady_vs_dataloader']:5.2f} {r['tail_s']['median']:6.1f}")
+              f"{r['steady_sps']['median']:6.0f} /{r['steady_sps']['max']:5.0f} {r['steady_vs_dataloader']:5.2f} "
+              f"{r['steady_sum_sps']['median']:6.0f} /{r['steady_sum_sps']['max']:5.0f} {r['steady_sum_vs_dataloader']:5.2f} "
+              f"{r['first_batch_spread_s']['median']:8.1f} {r['tail_s']['median']:6.1f}")
     for t, lim in limits.items():
         print(f"limit {t}: " + ", ".join(f"{k} {v:.0f}" for k, v in lim.items()))
     result = {
@@ -305,7 +317,10 @@ def main() -> None:
         "batch_size": args.batch_size, "workers": workers, "kdstore_actor_threads": max(1, (os.cpu_count() or 1) // workers),
         "repeats": args.repeats, "teacher_weights": args.weights,
         "definitions": {"startup_s": "command start -> first teacher batch done", "first_shard_s": "command start -> first shard stored",
-                        "steady_sps": "samples/s between the first and the last teacher batch", "tail_s": "last batch -> exit",
+                        "steady_sps": "samples/s between the first and the last teacher batch (any process)",
+                        "steady_sum_sps": "sum over teacher processes of each one's samples/s between its own first and last batch "
+                                          "(kdstore: per actor; the loops: one process)",
+                        "first_batch_spread_s": "first batch of the last teacher process to start - of the first", "tail_s": "last batch -> exit",
                         "stats": "median, min, max over repeats (steady: max is the best)"},
         "table": rows, "limits": limits, "startup_breakdown": breakdown, "runs": runs,
     }
