@@ -82,6 +82,7 @@ class Bench:
         self.out = Path(args.out)
         old = json.loads(self.out.read_text()) if self.out.exists() else {}
         # Cached runs are reused only when they were made with the same settings.
+        settings = json.loads(json.dumps(settings))  # tuples → lists, as read back from the JSON
         self.results = old if old.get("settings") == settings else {}
         self.results["settings"] = settings
         self.results.setdefault("runs", {})
