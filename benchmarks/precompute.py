@@ -1,121 +1,331 @@
-"""Precompute throughput: kdstore (Ray, store, checksums) vs a plain single-process loop.
+"""Precompute: kdstore (``kdstore precompute``, Ray actors) vs a plain PyTorch DataLoader loop.
 
-Both sides read the same WebDataset shards, decode the same PNGs and run the same teacher
-with the same batch size; the plain loop writes one ``.npy`` of logits per shard. kdstore's
-time is end to end (Ray start, row planning, actors, Zarr writes, done records).
+Every side is a fresh process started by this script (so imports count), reads the same
+WebDataset tars, decodes the same PNGs (``kdstore.pipeline.decode.decode_image``), runs the
+same teacher at the same batch size and writes float16 logits per shard (kdstore: its Zarr
+store and done records; the loops: one ``.npy`` per shard).
 
-    python benchmarks/precompute.py                # full Fashion-MNIST, 70k images
-    python benchmarks/precompute.py --limit-shards 4
+- ``dataloader``: ``torch.utils.data.DataLoader`` over an ``IterableDataset`` that gives each
+  worker whole shards; as many worker processes as kdstore has actors; the teacher runs in
+  the main process (all torch threads).
+- ``plain``: the same loop in one process (no workers).
+- ``kdstore``: ``kdstore precompute --workers W`` (W actors, each decodes and runs the teacher).
+
+Teachers: the zoo CNN (``kdstore teacher fashion-mnist``) and a linear layer (start-up
+dominates). Both are wrapped (``bench_teachers.py``) to log the time of each forward, which
+gives, for every run: ``startup_s`` = command start → first teacher batch; ``first_shard_s``
+= command start → first shard stored; ``steady_sps`` = samples/s between the first and the
+last teacher batch; ``tail_s`` = last batch → process exit (last write, shutdown).
+``limit``: the teacher's forward alone on pre-decoded tensors (1 thread, and all threads).
+
+Sides alternate within each repeat (``--repeats``, default 3); median and min are reported.
+
+    python benchmarks/precompute.py --data DIR --weights teacher.pt [--shards 10] [--repeats 3]
+    python benchmarks/precompute.py --data DIR --investigate      # start-up breakdown only
 Prints a table and writes benchmarks/results/precompute.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
+import platform
 import shutil
-import tarfile
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
+HERE = Path(__file__).resolve().parent
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def plain_loop(urls: list[str], weights: str | None, batch_size: int, out: Path) -> float:
-    """read tar → decode → teacher → write numpy, no framework; returns seconds."""
-    from kdstore.pipeline.zoo import fashion_cnn
+# --------------------------------------------------------------------------- the loops (run in a child process)
 
-    start = time.perf_counter()
-    model = fashion_cnn(weights=weights)
+
+def _loop_main(argv: list[str]) -> None:
+    """``_loop URLS_FILE OUT TEACHER WEIGHTS LOG BATCH WORKERS``: the DataLoader (or plain) loop."""
+    urls_file, out, teacher, weights, log, batch, workers = argv
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+    sys.path.insert(0, str(HERE))
+    import bench_teachers
+    from kdstore.pipeline.decode import decode_image
+    from kdstore.pipeline.shards import iter_samples
+
+    urls = Path(urls_file).read_text().split()
+    out, batch, workers = Path(out), int(batch), int(workers)
     out.mkdir(parents=True, exist_ok=True)
-    for i, url in enumerate(urls):
-        images, logits = [], []
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.name.endswith(".png"):
-                    img = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())), dtype=np.uint8)
-                    images.append(torch.from_numpy(img.copy()).float().div_(255)[None])
-                    if len(images) == batch_size:
-                        with torch.inference_mode():
-                            logits.append(model(torch.stack(images)).numpy().astype(np.float16))
-                        images = []
-        if images:
-            with torch.inference_mode():
-                logits.append(model(torch.stack(images)).numpy().astype(np.float16))
-        np.save(out / f"{i:06d}.npy", np.concatenate(logits))
-    return time.perf_counter() - start
+
+    class Shards(IterableDataset):
+        """Samples ``(shard, row, last, image [1, 28, 28])``; each worker takes every W-th whole shard."""
+
+        def __iter__(self):
+            info = get_worker_info()
+            wid, nw = (info.id, info.num_workers) if info else (0, 1)
+            for s in range(wid, len(urls), nw):
+                prev = None
+                for row, sample in enumerate(iter_samples(urls[s])):
+                    if prev is not None:
+                        yield prev
+                    prev = (s, row, False, decode_image(sample["png"]))
+                if prev is not None:
+                    yield (*prev[:2], True, prev[3])
+
+    def collate(items):
+        return ([i[0] for i in items], [i[1] for i in items], [i[2] for i in items], torch.stack([i[3] for i in items]))
+
+    model = bench_teachers.cnn(weights=weights or None, log=log) if teacher == "cnn" else bench_teachers.linear(log=log)
+    loader = DataLoader(Shards(), batch_size=batch, num_workers=workers, collate_fn=collate,
+                        prefetch_factor=4 if workers else None)
+    parts: dict[int, list] = {}
+    with torch.inference_mode():
+        for shards, _rows, lasts, x in loader:
+            logits = model(x).numpy().astype(np.float16)
+            for s, last, value in zip(shards, lasts, logits):
+                parts.setdefault(s, []).append(value)
+                if last:  # one worker serves a shard in order, so every row of it has arrived
+                    np.save(out / f"{s:06d}.npy", np.stack(parts.pop(s)))
 
 
-def kdstore_run(urls: list[str], weights: str | None, batch_size: int, store: Path, workers: int, outputs) -> tuple[float, dict]:
-    from kdstore.pipeline.job import PrecomputeConfig, run_precompute
-    from kdstore.pipeline.teacher import TeacherLoad
-    from kdstore.store import open_store
-    from kdstore.store.verify import summarize
+# --------------------------------------------------------------------------- measuring one run
 
-    kwargs = (("weights", weights),) if weights else ()
-    cfg = PrecomputeConfig(
-        store=store, inputs=tuple(urls), outputs=tuple(outputs), batch_size=batch_size, workers=workers,
-        teacher=TeacherLoad(factory="kdstore.pipeline.zoo:fashion_cnn", name="cnn", kwargs=kwargs, layers=("embed",)),
-        progress=False,
-    )
+
+def _env() -> dict:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    return env
+
+
+def run_side(side: str, urls: list[str], teacher: str, weights: str | None, batch: int, workers: int, work: Path) -> dict:
+    """Start one side as a fresh command; returns its timeline (seconds from the command start)."""
+    log = work / "forward.log"
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    log.unlink(missing_ok=True)
+    urls_file = work / "urls.txt"
+    urls_file.write_text("\n".join(urls))
+    if side == "kdstore":
+        cmd = ["kdstore", "precompute", "--store", str(out), "--teacher", f"bench_teachers:{teacher}", "--teacher-name", teacher,
+               "--teacher-arg", f"log={log}", "--batch-size", str(batch), "--workers", str(workers), "--no-progress"]
+        if teacher == "cnn" and weights:
+            cmd += ["--teacher-arg", f"weights={weights}"]
+        for u in urls:
+            cmd += ["-i", u]
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_loop", str(urls_file), str(out), teacher, weights or "", str(log),
+               str(batch), str(workers if side == "dataloader" else 0)]
+    t0 = time.time()
+    load = os.getloadavg()[0]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    t_end = time.time()
+    if proc.returncode:
+        raise SystemExit(f"{side} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = [line.split() for line in log.read_text().splitlines()]
+    times = sorted(float(x[0]) for x in lines)
+    rows = sum(int(x[1]) for x in lines)
+    first_rows = int(min(lines, key=lambda x: float(x[0]))[1])
+    stored = _stored_times(out, side)
+    per_proc = {}  # each teacher process's own steady rate; their sum is the rate while all of them run
+    for pid in {x[2] for x in lines}:
+        mine = sorted((float(x[0]), int(x[1])) for x in lines if x[2] == pid)
+        if len(mine) > 1 and mine[-1][0] > mine[0][0]:
+            per_proc[pid] = (sum(n for _, n in mine) - mine[0][1]) / (mine[-1][0] - mine[0][0])
+    firsts = [min(float(x[0]) for x in lines if x[2] == pid) for pid in {x[2] for x in lines}]
+    return {
+        "side": side, "teacher": teacher, "workers": workers if side != "plain" else 1, "samples": rows,
+        "wall_s": t_end - t0, "startup_s": times[0] - t0, "first_shard_s": min(stored) - t0 if stored else None,
+        "steady_sps": (rows - first_rows) / (times[-1] - times[0]) if times[-1] > times[0] else None,
+        "steady_sum_sps": sum(per_proc.values()) if per_proc else None, "first_batch_spread_s": max(firsts) - min(firsts),
+        "tail_s": t_end - times[-1], "processes": len({x[2] for x in lines}),
+        "loadavg_1min_before": round(load, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def _stored_times(out: Path, side: str) -> list[float]:
+    if side == "kdstore":  # done records, one per stored shard
+        files = [p for p in out.glob("teachers/*/done/*.json")]
+    else:
+        files = list(out.glob("*.npy"))
+    return [p.stat().st_mtime for p in files]
+
+
+# --------------------------------------------------------------------------- limits and start-up breakdown
+
+
+def forward_limit(urls: list[str], teacher: str, weights: str | None, batch: int) -> dict:
+    """The teacher's forward alone on pre-decoded tensors, and decode alone, in this process."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import bench_teachers
+    from kdstore.pipeline.decode import decode_image
+    from kdstore.pipeline.shards import iter_samples
+
     start = time.perf_counter()
-    run_precompute(cfg)
-    seconds = time.perf_counter() - start
-    return seconds, summarize(open_store(store))
+    images = [decode_image(s["png"]) for u in urls[:2] for s in iter_samples(u)]
+    decode_sps = len(images) / (time.perf_counter() - start)
+    x = torch.stack(images)
+    model = bench_teachers.cnn(weights=weights) if teacher == "cnn" else bench_teachers.linear()
+    out = {"decode_sps_1proc": decode_sps}
+    threads = torch.get_num_threads()
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        with torch.inference_mode():
+            model(x[:batch])
+            start = time.perf_counter()
+            for _ in range(2):
+                for i in range(0, len(x), batch):
+                    model(x[i : i + batch])
+            out[f"forward_sps_{n}thread"] = 2 * len(x) / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return out
+
+
+_STARTUP_SCRIPT = r"""
+import os, sys, time, json
+t = {"python_start": time.time()}
+import torch; t["import_torch"] = time.time()
+import ray; t["import_ray"] = time.time()
+from kdstore.pipeline import job; from kdstore.pipeline.worker import ShardProcessor; from kdstore.pipeline.teacher import TeacherLoad
+t["import_kdstore"] = time.time()
+job._ensure_ray(None); t["ray_init"] = time.time()
+urls = sys.argv[1].split(","); teacher = sys.argv[2]; kwargs = tuple(json.loads(sys.argv[3]).items())
+load = TeacherLoad(factory="bench_teachers:" + teacher, name=teacher, kwargs=kwargs)
+Actor = ray.remote(num_cpus=0.5)(ShardProcessor)
+actors = [Actor.remote(load, num_threads=1) for _ in range(int(sys.argv[4]))]
+refs = [a.describe.remote() for a in actors]
+t["actors_created"] = time.time()
+from concurrent.futures import ThreadPoolExecutor
+with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+    listings = list(pool.map(job.list_shard, urls))
+t["plan_listing_all_shards"] = time.time()
+ray.get(refs); t["actors_ready_teacher_loaded"] = time.time()
+ray.get([a.describe.remote() for a in actors]); t["actor_call_roundtrip"] = time.time()
+for a in actors: ray.kill(a)
+ray.shutdown(); t["ray_shutdown"] = time.time()
+print(json.dumps(t))
+"""
+
+
+def startup_breakdown(urls: list[str], teacher: str, weights: str | None, workers: int) -> dict:
+    """Where kdstore's start-up goes, stage by stage (a child process; seconds from the command start)."""
+    kwargs = {"weights": weights} if teacher == "cnn" and weights else {}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", _STARTUP_SCRIPT, ",".join(urls), teacher, json.dumps(kwargs), str(workers)],
+                          env=_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    t = json.loads(proc.stdout.strip().splitlines()[-1])
+    marks, prev, out = list(t.items()), t0, {}
+    for name, value in marks:
+        out[name] = {"at_s": round(value - t0, 3), "step_s": round(value - prev, 3)}
+        prev = value
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _stats(values: list[float | None]) -> dict:
+    v = [x for x in values if x is not None]
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "values": v} if v else {}
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_loop":
+        _loop_main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("KDSTORE_CACHE", "~/.cache/kdstore")).expanduser() / "fmnist-shards")
-    parser.add_argument("--weights", default=None, help="teacher weights (default: seed-0 init; same compute)")
+    parser.add_argument("--data", type=Path, required=True, help="folder of Fashion-MNIST shards (kdstore shards fashion-mnist DIR)")
+    parser.add_argument("--weights", default=None, help="CNN teacher weights (kdstore teacher fashion-mnist FILE)")
+    parser.add_argument("--shards", type=int, default=10, help="first N train shards (fixed subset)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--limit-shards", type=int, default=0)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "precompute.json")
+    parser.add_argument("--workers", type=int, default=0, help="kdstore actors = DataLoader workers (0: kdstore's auto, min(4, CPUs))")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--teachers", nargs="+", default=["cnn", "linear"], choices=("cnn", "linear"))
+    parser.add_argument("--investigate", action="store_true", help="only the start-up breakdown")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "precompute.json")
     args = parser.parse_args()
 
-    from kdstore.pipeline.datasets import fashion_mnist_shards
+    import torch
 
-    if not (args.data / "test-000004.tar").exists():
-        fashion_mnist_shards(args.data, shard_size=2000)
-    urls = sorted(str(p) for p in args.data.glob("*.tar"))
-    if args.limit_shards:
-        urls = urls[: args.limit_shards]
-    rows = []
+    urls = sorted(str(p) for p in args.data.glob("train-*.tar"))[: args.shards]
+    all_urls = sorted(str(p) for p in args.data.glob("*.tar"))
+    if len(urls) < args.shards:
+        raise SystemExit(f"{args.data}: fewer than {args.shards} train shards; run `kdstore shards fashion-mnist {args.data}`")
+    workers = args.workers or int(max(1, min(4, os.cpu_count() or 1)))
+    lists = ((urls, len(urls)), (all_urls, len(all_urls))) if args.investigate else ((urls, len(urls)),)
+    teachers = args.teachers if args.investigate else args.teachers[:1]
+    breakdown = {f"{t}, {workers} actors, {n} shards listed": startup_breakdown(u, t, args.weights, workers)
+                 for t in teachers for u, n in lists}
+    for name, marks in breakdown.items():
+        print(f"\nstart-up breakdown ({name}):")
+        for step, m in marks.items():
+            print(f"  {step:30s} at {m['at_s']:6.2f} s  (+{m['step_s']:.2f})")
+    if args.investigate:
+        return
+    limits = {t: forward_limit(urls, t, args.weights, args.batch_size) for t in args.teachers}
+    runs: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="kdbench-"))
+    sides = ("dataloader", "kdstore", "plain")
     try:
-        plain_s = plain_loop(urls, args.weights, args.batch_size, work / "plain")
-        n = sum(np.load(p).shape[0] for p in (work / "plain").glob("*.npy"))
-        rows.append({"run": "plain loop (1 process, logits .npy)", "seconds": plain_s, "samples_per_s": n / plain_s, "ratio": 1.0})
-        summary = None
-        runs = [(w, ["logits"], "logits") for w in args.workers]
-        runs.append((max(args.workers), ["logits", "topk:5", "embedding:embed", "scores"], "logits+topk5+embed+scores"))
-        for workers, outputs, label in runs:
-            store = work / f"store-{workers}-{len(outputs)}"
-            seconds, summ = kdstore_run(urls, args.weights, args.batch_size, store, workers, outputs)
-            summary = summ if len(outputs) > 1 else summary
-            rows.append({"run": f"kdstore precompute, {workers} worker(s), {label}", "seconds": seconds,
-                         "samples_per_s": n / seconds, "ratio": plain_s / seconds})
-            shutil.rmtree(store)
+        for rep in range(args.repeats):
+            for teacher in args.teachers:
+                order = sides if rep % 2 == 0 else sides[::-1]  # alternate which side goes first
+                for side in order:
+                    r = run_side(side, urls, teacher, args.weights, args.batch_size, workers, work)
+                    r["repeat"] = rep
+                    runs.append(r)
+                    print(f"rep {rep} {teacher:6s} {side:10s} wall {r['wall_s']:6.1f}s start-up {r['startup_s']:5.2f}s "
+                          f"steady {r['steady_sps']:7.0f}/s Σ {r['steady_sum_sps']:7.0f}/s spread {r['first_batch_spread_s']:4.1f}s tail {r['tail_s']:4.1f}s load {r['loadavg_1min_before']:.0f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    fields = summary["teachers"][0]["fields"] if summary else []
-    print(f"\n{n} samples, {len(urls)} shards, batch {args.batch_size}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
-    print(f"{'run':55s} {'seconds':>8s} {'samples/s':>10s} {'÷ plain':>8s}")
+    rows = []
+    for teacher in args.teachers:
+        base = _stats([r["steady_sps"] for r in runs if r["teacher"] == teacher and r["side"] == "dataloader"])["median"]
+        base_sum = _stats([r["steady_sum_sps"] for r in runs if r["teacher"] == teacher and r["side"] == "dataloader"])["median"]
+        for side in sides:
+            rs = [r for r in runs if r["teacher"] == teacher and r["side"] == side]
+            row = {"teacher": teacher, "side": side, "workers": rs[0]["workers"], "samples": rs[0]["samples"]}
+            for k in ("wall_s", "startup_s", "first_shard_s", "steady_sps", "steady_sum_sps", "first_batch_spread_s", "tail_s"):
+                row[k] = _stats([r[k] for r in rs])
+            row["steady_vs_dataloader"] = row["steady_sps"]["median"] / base
+            row["steady_sum_vs_dataloader"] = row["steady_sum_sps"]["median"] / base_sum
+            rows.append(row)
+    print(f"\n{len(urls)} train shards ({rows[0]['samples']} samples), batch {args.batch_size}, {workers} workers/actors, "
+          f"{os.cpu_count()} CPUs, {args.repeats} repeats (median / min)")
+    print(f"{'teacher':7s} {'side':11s} {'wall s':>13s} {'start-up s':>13s} {'1st shard s':>13s} {'steady /s':>13s} {'÷ DL':>5s} "
+          f"{'Σ per proc /s':>13s} {'÷ DL':>5s} {'spread s':>8s} {'tail s':>6s}")
     for r in rows:
-        print(f"{r['run']:55s} {r['seconds']:8.1f} {r['samples_per_s']:10.0f} {r['ratio']:8.2f}")
-    print(f"\n{'field':20s} {'shape':>10s} {'dtype':>8s} {'bytes/sample':>13s}")
-    for f in fields:
-        print(f"{f['field']:20s} {str(f['shape']):>10s} {f['dtype']:>8s} {f['bytes_per_sample']:13.1f}")
+        print(f"{r['teacher']:7s} {r['side']:11s} {r['wall_s']['median']:6.1f} /{r['wall_s']['min']:5.1f} "
+              f"{r['startup_s']['median']:6.2f} /{r['startup_s']['min']:5.2f} {r['first_shard_s']['median']:6.2f} /{r['first_shard_s']['min']:5.2f} "
+              f"{r['steady_sps']['median']:6.0f} /{r['steady_sps']['max']:5.0f} {r['steady_vs_dataloader']:5.2f} "
+              f"{r['steady_sum_sps']['median']:6.0f} /{r['steady_sum_sps']['max']:5.0f} {r['steady_sum_vs_dataloader']:5.2f} "
+              f"{r['first_batch_spread_s']['median']:8.1f} {r['tail_s']['median']:6.1f}")
+    for t, lim in limits.items():
+        print(f"limit {t}: " + ", ".join(f"{k} {v:.0f}" for k, v in lim.items()))
+    result = {
+        "what": "kdstore precompute vs a torch DataLoader loop (same tars, PNG decode, teacher, batch; float16 logits per shard)",
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "shared": "yes: ~6 engineers on 2 cores",
+                    "python": platform.python_version(), "torch": torch.__version__, "torch_threads_main": torch.get_num_threads()},
+        "subset": {"shards": [Path(u).name for u in urls], "samples": rows[0]["samples"]},
+        "batch_size": args.batch_size, "workers": workers, "kdstore_actor_threads": max(1, (os.cpu_count() or 1) // workers),
+        "repeats": args.repeats, "teacher_weights": args.weights,
+        "definitions": {"startup_s": "command start -> first teacher batch done", "first_shard_s": "command start -> first shard stored",
+                        "steady_sps": "samples/s between the first and the last teacher batch (any process)",
+                        "steady_sum_sps": "sum over teacher processes of each one's samples/s between its own first and last batch "
+                                          "(kdstore: per actor; the loops: one process)",
+                        "first_batch_spread_s": "first batch of the last teacher process to start - of the first", "tail_s": "last batch -> exit",
+                        "stats": "median, min, max over repeats (steady: max is the best)"},
+        "table": rows, "limits": limits, "startup_breakdown": breakdown, "runs": runs,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"samples": n, "shards": len(urls), "cpus": os.cpu_count(), "runs": rows, "fields": fields}, indent=1))
+    args.json.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.json}")
 
 
