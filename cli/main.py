@@ -232,6 +232,7 @@ def _register_optional() -> None:
         ("kdstore.cli.retrieval", ("index_cmd", "mine_cmd", "query_cmd")),
         ("kdstore.cli.train", ("train_cmd",)),
         ("kdstore.cli.quickstart", ("quickstart_cmd",)),
+        ("kdstore.cli.lm", ("lm_teacher_cmd", "lm_shards_cmd")),
     ):
         try:
             module = importlib.import_module(module_name)
