@@ -213,7 +213,7 @@ def write_lm_shards(
         if path.is_file():
             continue
         tmp = path.with_name(path.name + ".tmp")
-        with wds.TarWriter(str(tmp)) as sink:
+        with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: a rewritten shard is byte-identical
             for r in range(start, min(start + samples_per_shard, len(ids))):
                 sink.write({"__key__": f"{split}-{r:09d}", "ids.npy": _npy(ids[r]), "doc.npy": _npy(doc[r])})
         os.replace(tmp, path)

@@ -92,10 +92,10 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
 def train_lm_teacher(
     out_dir: str | os.PathLike[str],
     *,
-    steps: int = 500,
-    batch_size: int = 16,
+    steps: int = 400,
+    batch_size: int = 8,
     context: int = 128,
-    depth: int = 4,
+    depth: int = 2,
     width: int = 128,
     heads: int = 4,
     vocab_size: int = 4096,
