@@ -48,6 +48,9 @@ def test_masks_stop_at_document_boundaries():
     ids2, doc2 = torch.tensor([[5, 6, 7]]), torch.tensor([[1, 1, 1]])
     assert next_token_targets(ids2, doc2, eos)[1][0].tolist() == [True, True, False]
     assert kd_mask(ids2, doc2, eos)[0].tolist() == [True, True, True]
+    # a document change without <|endoftext|> still stops the CE target
+    ids3, doc3 = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[1, 1, 2, 2]])
+    assert next_token_targets(ids3, doc3, eos)[1][0].tolist() == [True, False, True, False]
 
 
 def test_next_token_ce_by_hand():
