@@ -245,12 +245,13 @@ def verify_cmd(store_path: Path, shards: tuple[str, ...], skip_inputs: bool) -> 
 
 
 # The subcommands that live in their own modules (imported after info_cmd, which quickstart reuses).
+from kdstore.cli.lm import lm_shards_cmd, lm_teacher_cmd  # noqa: E402
 from kdstore.cli.quickstart import quickstart_cmd  # noqa: E402
 from kdstore.cli.retrieval import index_cmd, mine_cmd, query_cmd  # noqa: E402
 from kdstore.cli.shards import shards_cmd  # noqa: E402
 from kdstore.cli.train import train_cmd  # noqa: E402
 
-for _cmd in (index_cmd, mine_cmd, query_cmd, shards_cmd, train_cmd, quickstart_cmd):
+for _cmd in (index_cmd, mine_cmd, query_cmd, shards_cmd, train_cmd, quickstart_cmd, lm_teacher_cmd, lm_shards_cmd):
     main.add_command(_cmd)
 
 if __name__ == "__main__":

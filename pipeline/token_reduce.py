@@ -1,0 +1,204 @@
+"""Per-token reduce ops for language-model teachers: top-k and RS-KD sampling (pure functions).
+
+Input is one sample's teacher logits ``[n, V]`` (position t scores the token at t + 1).
+
+- ``topk:K`` (:func:`topk_tokens`): per position, the K largest log-probabilities of
+  ``softmax(logits / T)`` as float16, their ids in the smallest unsigned dtype that holds
+  ``V``, the residual mass ``1 - sum(top-k probs)`` (float32) and the log-sum-exp of
+  ``logits / T`` (float32; ``logits / T = logp + lse`` recovers the stored logits).
+- ``sample:S`` (:func:`sample_tokens`): Random-Sampling KD (Anshumann et al., ACL 2025,
+  "Sparse Logit Sampling"): S ids drawn with replacement from ``softmax(logits / T)``,
+  stored as the unique ids with their counts, most frequent first, padded to S with count 0.
+  ``counts / S`` is an unbiased estimate of the teacher distribution. The draws of position
+  t of sample ``key`` come from a counter-based generator (Philox) keyed by
+  ``(seed, key, t)`` only, so they do not depend on batch composition, order or device.
+
+:func:`bytes_per_token` reports the storage of either result from its arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdstore.store.errors import InputError, TeacherOutputError
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenReduceSpec:
+    """``topk:K`` or ``sample:S`` (optionally ``@T`` for the temperature, e.g. ``sample:12@2``)."""
+
+    kind: str
+    k: int
+    temperature: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str, *, seed: int = 0) -> "TokenReduceSpec":
+        body, _, temp = text.partition("@")
+        kind, _, arg = body.partition(":")
+        try:
+            k = int(arg)
+            temperature = float(temp) if temp else 1.0
+        except ValueError:
+            k, temperature = 0, 1.0
+        if kind not in ("topk", "sample") or k < 1 or not temperature > 0:
+            raise InputError(f"token output {text!r} not understood: use topk:K or sample:S, optionally @T (T > 0)")
+        if kind == "sample" and k > 255:
+            raise InputError(f"sample:{k}: at most 255 draws per token (counts are stored as uint8)")
+        return cls(kind=kind, k=k, temperature=temperature, seed=seed)
+
+    def to_text(self) -> str:
+        return f"{self.kind}:{self.k}@{self.temperature:g}"
+
+    def fields(self) -> list[str]:
+        if self.kind == "topk":
+            return ["tokens/topk/logprobs", "tokens/topk/ids", "tokens/topk/residual", "tokens/topk/lse"]
+        return ["tokens/sample/ids", "tokens/sample/counts"]
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned integer dtype that holds ids ``0..vocab_size-1``."""
+    if vocab_size < 1:
+        raise InputError(f"vocab_size must be >= 1, got {vocab_size}")
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def _check_logits(logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TeacherOutputError(f"per-token logits must be a float tensor [n, V], got {shape}")
+    logits = logits.detach().cpu().double()
+    if not bool(torch.isfinite(logits).all()):
+        raise TeacherOutputError("per-token logits contain NaN or inf")
+    return logits
+
+
+def topk_tokens(logits: torch.Tensor, k: int, *, temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Top-k of ``softmax(logits / T)`` per position.
+
+    Args:
+        logits: float ``[n, V]``, one sample's per-token teacher logits.
+        k: 1 <= k <= V.
+        temperature: T > 0.
+
+    Returns:
+        ``{"logprobs": float16 [n, k] (descending), "ids": id_dtype(V) [n, k],
+        "residual": float32 [n] (1 - sum of the k probs, >= 0), "lse": float32 [n]
+        (logsumexp(logits / T))}``.
+    """
+    x = _check_logits(logits) / float(temperature)
+    n, v = x.shape
+    if not 1 <= k <= v:
+        raise InputError(f"topk:{k} needs 1 <= k <= vocabulary size {v}")
+    lse = torch.logsumexp(x, dim=1)
+    values, ids = torch.topk(x, k, dim=1)  # sorted, descending
+    logp = values - lse.unsqueeze(1)
+    residual = (-torch.expm1(torch.logsumexp(logp, dim=1))).clamp_(min=0.0)
+    return {
+        "logprobs": logp.numpy().astype(np.float16),
+        "ids": ids.numpy().astype(id_dtype(v)),
+        "residual": residual.numpy().astype(np.float32),
+        "lse": lse.numpy().astype(np.float32),
+    }
+
+
+def position_key(seed: int, key: str, position: int) -> int:
+    """128-bit Philox key for the draws at ``position`` of sample ``key``."""
+    digest = hashlib.sha256(f"kdstore-rskd:{int(seed)}:{key}:{int(position)}".encode()).digest()
+    return int.from_bytes(digest[:16], "little")
+
+
+def uniforms(seed: int, key: str, positions: np.ndarray, s: int) -> np.ndarray:
+    """float64 ``[n, s]`` in [0, 1): the draws' uniforms, one counter-based stream per position."""
+    return np.stack(
+        [np.random.Generator(np.random.Philox(key=position_key(seed, key, int(p)))).random(s) for p in positions]
+    ) if len(positions) else np.zeros((0, s))
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    s: int,
+    *,
+    key: str,
+    temperature: float = 1.0,
+    seed: int = 0,
+    positions: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """RS-KD: ``s`` draws with replacement from ``softmax(logits / T)`` per position, as unique ids + counts.
+
+    Args:
+        logits: float ``[n, V]``, one sample's per-token teacher logits.
+        s: draws per position, 1..255.
+        key: the sample's key (seeds its draws).
+        temperature: T > 0.
+        seed: run-level seed.
+        positions: int ``[n]`` positions of the rows in the sample (default ``0..n-1``), so a
+            sample processed in pieces draws exactly what it draws whole.
+
+    Returns:
+        ``{"ids": id_dtype(V) [n, s], "counts": uint8 [n, s]}``: per row the distinct drawn ids,
+        most frequent first (ties: smaller id first), then padding with id 0 and count 0;
+        each row's counts sum to ``s``.
+    """
+    if not 1 <= s <= 255:
+        raise InputError(f"sample:{s}: draws per token must be in 1..255")
+    x = _check_logits(logits) / float(temperature)
+    n, v = x.shape
+    pos = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
+    if pos.shape != (n,):
+        raise InputError(f"positions must be [{n}], got {pos.shape}")
+    cdf = torch.cumsum(F.softmax(x, dim=1), dim=1)
+    cdf[:, -1] = 1.0  # exact top so that every u < 1 lands inside the vocabulary
+    u = torch.from_numpy(uniforms(seed, key, pos, s))
+    draws = torch.searchsorted(cdf, u, right=True).clamp_(max=v - 1)  # [n, s]
+    return pack_counts(draws.numpy(), v)
+
+
+def pack_counts(draws: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
+    """``draws int [n, s]`` → ``{"ids": [n, s], "counts": uint8 [n, s]}`` (unique, most frequent first, zero-padded)."""
+    n, s = draws.shape
+    ids = np.zeros((n, s), dtype=id_dtype(vocab_size))
+    counts = np.zeros((n, s), dtype=np.uint8)
+    for r in range(n):
+        uniq, cnt = np.unique(draws[r], return_counts=True)
+        order = np.lexsort((uniq, -cnt))
+        ids[r, : len(uniq)] = uniq[order]
+        counts[r, : len(uniq)] = cnt[order]
+    return {"ids": ids, "counts": counts}
+
+
+def bytes_per_token(fields: dict[str, np.ndarray]) -> dict[str, float]:
+    """Storage per token position of one reduce result.
+
+    ``"dense"``: the arrays as returned (padded ``[n, s]`` for samples). ``"compact"``: for
+    sampled fields, only the non-zero (id, count) pairs plus one uint8 number of pairs per
+    position (what a ragged encoding stores); equal to ``dense`` for top-k.
+    """
+    n = next(iter(fields.values())).shape[0]
+    if n == 0:
+        return {"dense": 0.0, "compact": 0.0}
+    dense = sum(a.nbytes for a in fields.values()) / n
+    if "counts" in fields:
+        pairs = int((fields["counts"] > 0).sum())
+        pair_bytes = fields["ids"].dtype.itemsize + fields["counts"].dtype.itemsize
+        compact = (pairs * pair_bytes + n) / n
+    else:
+        compact = dense
+    return {"dense": float(dense), "compact": float(compact)}
+
+
+def reduce_tokens(logits: torch.Tensor, spec: TokenReduceSpec, *, key: str) -> dict[str, np.ndarray]:
+    """Apply ``spec`` to one sample's ``logits [n, V]``; returns the fields named by ``spec.fields()``."""
+    if spec.kind == "topk":
+        out = topk_tokens(logits, spec.k, temperature=spec.temperature)
+        return {f"tokens/topk/{name}": value for name, value in out.items()}
+    out = sample_tokens(logits, spec.k, key=key, temperature=spec.temperature, seed=spec.seed)
+    return {f"tokens/sample/{name}": value for name, value in out.items()}
