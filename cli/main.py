@@ -211,13 +211,16 @@ def info_cmd(store_path: Path, as_json: bool) -> None:
 @click.argument("store_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--shards", multiple=True, help="Only these shards (index, URL or URL substring). Repeatable.")
 @click.option("--skip-inputs", is_flag=True, help="Do not re-read the input shards to compare keys.")
+@click.option("--inputs-root", default=None,
+              help="The input shards moved: read them under this folder (it replaces their recorded common folder).")
 @user_errors
-def verify_cmd(store_path: Path, shards: tuple[str, ...], skip_inputs: bool) -> None:
+def verify_cmd(store_path: Path, shards: tuple[str, ...], skip_inputs: bool, inputs_root: str | None) -> None:
     """Re-check checksums, row coverage and input keys; exit 1 naming the first problem."""
     from kdstore.store.reader import open_store
     from kdstore.store.verify import verify_store
 
-    report = verify_store(open_store(store_path), shards=shards or None, check_inputs=not skip_inputs)
+    report = verify_store(open_store(store_path), shards=shards or None, check_inputs=not skip_inputs,
+                          inputs_root=inputs_root)
     if report.ok:
         click.echo(f"ok: {report.shards_checked} shard checks, {report.fields_checked} field checksums")
         return

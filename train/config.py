@@ -37,6 +37,7 @@ class DataConfig:
     train_shards: tuple[str, ...] = ("train-",)
     eval_shards: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
+    inputs_root: str = ""  # the folder that now holds the store's input shards, when they moved
     input_key: str = ""
     labels: str = "all"
     labels_seed: int = 0

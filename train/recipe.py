@@ -283,7 +283,8 @@ class Recipe:
         need = {} if cfg.online.enabled else {t: sorted(f) for t, f in cfg.teachers().items()}
         d = cfg.data
         self.train_set = StreamingDataset(
-            self.store, shards=d.train_shards, fields=need, inputs=d.inputs, input_key=d.input_key,
+            self.store, shards=d.train_shards, fields=need, inputs=d.inputs, inputs_root=d.inputs_root or None,
+            input_key=d.input_key,
             labels=d.labels, labels_seed=d.labels_seed, only_labeled=d.only_labeled, shuffle=True,
             shuffle_buffer=d.shuffle_buffer, seed=cfg.train.seed,
             augment=cfg.online.augment if cfg.online.enabled else "",
@@ -383,7 +384,8 @@ class Recipe:
             missing = set(self.store.teacher(teacher).missing_shards())
             if not any(s.index in missing for s in shards):
                 fields = {teacher: ["logits"]}
-        return StreamingDataset(self.store, shards=d.eval_shards, fields=fields, inputs=d.inputs, input_key=d.input_key,
+        return StreamingDataset(self.store, shards=d.eval_shards, fields=fields, inputs=d.inputs,
+                                inputs_root=d.inputs_root or None, input_key=d.input_key,
                                 labels="all", shuffle=False, replay_views=False, rank=0, world_size=1,
                                 loader_workers=0, loader_batch_size=d.batch_size, cache=cache,
                                 verify=d.verify_inputs if self.is_main else "off")
