@@ -122,9 +122,12 @@ def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...
 @click.option("--seed", default=0, show_default=True, help="Seed of the view parameters.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="Ray actors, each loading the teacher once (0 = auto: one per GPU with --device cuda, else min(4, CPUs)).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda (one GPU per worker; pick GPUs with CUDA_VISIBLE_DEVICES) or mps.")
 @click.option("--amp", is_flag=True, help="Autocast the teacher forward (useful on cuda).")
-@click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
+@click.option("--ray-address", default=None,
+              help="Join this Ray cluster instead of starting a local one. Every node must see the store and "
+                   "the input shards at the same path (a shared filesystem); this is checked before the run.")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="fail: stop at the first bad shard/sample. skip: record it in the store and go on.")
 @click.option("--overwrite", is_flag=True, help="Discard this teacher's stored outputs (or the whole store if the inputs changed) and start over.")
@@ -137,6 +140,9 @@ def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input
     from kdstore.pipeline.job import PrecomputeConfig, run_precompute
     from kdstore.pipeline.teacher import TeacherLoad
 
+    # After the first failed shard is reported, the shards still in flight are dropped; Ray
+    # would print their (same) errors again as "Unhandled error" tracebacks.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     cfg = PrecomputeConfig(
         store=store_path,
         inputs=tuple(inputs),

@@ -294,6 +294,12 @@ def _check_cluster(cfg: PrecomputeConfig, urls: list[str]) -> None:
             "--device cuda: the Ray cluster has no GPU (Ray found none; check nvidia-smi and "
             "CUDA_VISIBLE_DEVICES), so no worker could start; use --device cpu"
         )
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.teacher.device == "cuda" and cfg.workers > gpus:
+        raise ClusterError(
+            f"--workers {cfg.workers} with --device cuda needs one GPU per worker; the Ray cluster has {gpus}: "
+            f"use --workers {gpus} (or 0 = one per GPU)"
+        )
     if cfg.ray_address:
         check_shared_filesystem(cfg.store, [u for u in urls if not has_scheme(u)][:1])
 

@@ -136,8 +136,10 @@ def _one_line(proc: subprocess.CompletedProcess) -> str:
 
 def test_mixed_sizes_and_wrong_channels_are_one_line(tmp_path):
     mixed = _write_images(tmp_path / "mixed" / "m-000000.tar", [(28, 28)] * 3 + [(32, 32)] * 2)
+    _write_images(tmp_path / "mixed" / "m-000001.tar", [(28, 28)] * 3 + [(32, 32)] * 2)  # a second failing shard in flight
     common = ["--no-progress", "--workers", "1", "--batch-size", "8"]
-    line = _one_line(_cli("precompute", "--store", str(tmp_path / "a"), "-i", str(mixed), "--teacher", CNN, *common))
+    line = _one_line(_cli("precompute", "--store", str(tmp_path / "a"), "-i", str(tmp_path / "mixed" / "m-*.tar"),
+                          "--teacher", CNN, *common))
     assert line.startswith(f"error: images in shard {mixed} have sizes 28x28 (key 'img_000') and 32x32 (key 'img_003')")
     assert "resize them when writing shards, or pass a teacher that accepts variable sizes" in line
     gray = _write_images(tmp_path / "gray" / "g-000000.tar", [(28, 28)] * 4)
