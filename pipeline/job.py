@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from kdstore.store.shards import expand_urls, list_shard
 from kdstore.store.writer import clean_partial, write_plan, write_teacher_spec
 
 DTYPES = ("float16", "float32")
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # "Token authentication is enabled ..."
 # A GPU number is refused: inside a Ray actor only the actor's own GPU is visible (as cuda:0).
 DEVICE_RE = re.compile(r"cpu|cuda|mps")
 
@@ -133,11 +135,17 @@ def _ensure_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # Ray 2.60 turns token authentication on for a new local cluster and warns about it
-        # on every start unless RAY_AUTH_MODE is set; saying "token" keeps that default
-        # without the warning. A joined cluster (--ray-address) keeps its own settings and warnings.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+        # Ray 2.60 turns token authentication on for a new local cluster and logs a warning
+        # saying so on every start (unless RAY_AUTH_MODE is set before Ray is imported). The
+        # embedded cluster keeps that default, without the warning; a joined cluster
+        # (--ray-address) keeps its own settings and warnings.
+        auth_log = logging.getLogger(RAY_AUTH_LOGGER)
+        level = auth_log.level
+        auth_log.setLevel(logging.ERROR)
+        try:
+            ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+        finally:
+            auth_log.setLevel(level)
     return True
 
 
