@@ -140,9 +140,6 @@ def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input
     from kdstore.pipeline.job import PrecomputeConfig, run_precompute
     from kdstore.pipeline.teacher import TeacherLoad
 
-    # After the first failed shard is reported, the shards still in flight are dropped; Ray
-    # would print their (same) errors again as "Unhandled error" tracebacks.
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     cfg = PrecomputeConfig(
         store=store_path,
         inputs=tuple(inputs),
