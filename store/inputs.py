@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from kdstore.store.reader import Store
 
 MODES = ("full", "quick", "off")
+RELOCATE = "pass --inputs-root DIR"  # how ``kdstore verify`` relocates the inputs (the trainer says its own)
 
 
 def has_scheme(url: str) -> bool:
@@ -97,15 +98,12 @@ def missing_local(url: str) -> bool:
     return not has_scheme(url) and not os.path.exists(url)
 
 
-def moved_hint(store: "Store", option: str = "--inputs-root") -> str:
+def moved_hint(store: "Store", option: str = RELOCATE) -> str:
     """The way out when a store's input shards are not where it recorded them."""
-    return (
-        f"if the input shards moved, pass {option} DIR naming the folder that now holds what was in "
-        f"{inputs_folder(store)}"
-    )
+    return f"if the input shards moved, {option}, DIR being the folder that now holds what was in {inputs_folder(store)}"
 
 
-def moved_error(store: "Store", url: str, option: str = "--inputs-root") -> InputError:
+def moved_error(store: "Store", url: str, option: str = RELOCATE) -> InputError:
     return InputError(f"input shard {url} of store {store.path} not found; {moved_hint(store, option)}")
 
 
@@ -155,12 +153,12 @@ def input_problems(
     *,
     urls: Mapping[int, str] | None = None,
     mode: str = "full",
-    option: str = "--inputs-root",
+    option: str = RELOCATE,
 ) -> Iterator[InputProblem]:
     """Compare input shards with the store, lazily, first problem first.
 
     ``urls`` maps shard index → the URL to read (default: :func:`shard_urls`); a missing local
-    shard's error names ``option``, the way to relocate the inputs. ``full`` lists
+    shard's error says ``option``, the way to relocate the inputs. ``full`` lists
     every key of every shard (and, when all of the store's shards are given, recomputes the
     input fingerprint); ``quick`` compares the first key only; ``off`` checks nothing.
     """
@@ -228,7 +226,7 @@ def check_inputs(
     urls: Mapping[int, str] | None = None,
     mode: str = "full",
     hint: str = DEFAULT_HINT,
-    option: str = "--inputs-root",
+    option: str = RELOCATE,
 ) -> None:
     """Raise for the first :func:`input_problems`: the listing's own error, else :class:`StoreMismatchError`."""
     for problem in input_problems(store, shards, urls=urls, mode=mode, option=option):

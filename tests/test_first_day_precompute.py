@@ -186,10 +186,12 @@ def test_store_works_from_another_directory_and_after_the_inputs_move(tmp_path, 
     shutil.move(str(work / "data"), str(tmp_path / "moved"))
     result = CliRunner().invoke(main, ["verify", str(work / "store")])
     assert result.exit_code == 1 and "FAILED" in result.output
-    assert f"pass --inputs-root DIR naming the folder that now holds what was in {work / 'data'}" in result.output
+    assert (f"input shard {work / 'data' / 'train-000000.tar'} of store {work / 'store'} not found; if the input "
+            f"shards moved, pass --inputs-root DIR, DIR being the folder that now holds what was in {work / 'data'}"
+            ) in result.output
     result = CliRunner().invoke(main, ["verify", str(work / "store"), "--inputs-root", str(tmp_path / "moved")])
     assert result.exit_code == 0, result.output
-    with pytest.raises(InputError, match=r"not found; if the input shards moved, pass data.inputs_root"):
+    with pytest.raises(InputError, match=r"not found; if the input shards moved, set data.inputs_root = DIR in the config \(or kdstore train --set data.inputs_root=DIR\)"):
         StreamingDataset(work / "store", fields={"cnn": ["logits"]}, verify="off")
     config = parse_config({"data": {"store": str(work / "store")}}, [f"data.inputs_root={tmp_path / 'moved'}"])
     ds = StreamingDataset(work / "store", fields={"cnn": ["logits"]}, inputs_root=config.data.inputs_root, shuffle=False)

@@ -180,7 +180,7 @@ def resolve_inputs(store: Store, patterns: Sequence[str], inputs_root: str | Non
     return {s.index: by_name[os.path.basename(s.url)] for s in store.shards if os.path.basename(s.url) in by_name}
 
 
-INPUTS_OPTION = "data.inputs_root (kdstore train --set data.inputs_root=DIR)"
+INPUTS_OPTION = "set data.inputs_root = DIR in the config (or kdstore train --set data.inputs_root=DIR)"
 INPUTS_HINT = "point data.inputs at the shards the store was built from, or precompute a new store"
 
 
