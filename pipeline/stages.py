@@ -163,7 +163,7 @@ def forward(
                 raw = teacher.forward(batch.inputs)
         except KdStoreError:
             raise
-        except Exception as exc:  # the user's model: one line naming shard, keys and cause, no traceback
+        except Exception as exc:  # noqa: BLE001 (the user's model): one line naming shard, keys and cause, no traceback
             raise forward_error(exc, batch, shard) from None
         yield batch, raw
 

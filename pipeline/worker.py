@@ -35,7 +35,7 @@ class ShardProcessor:
             self.teacher = load.build()
         except KdStoreError as exc:
             self._load_error = exc
-        except Exception as exc:  # the user's factory raised: one line, not a worker traceback
+        except Exception as exc:  # noqa: BLE001 (the user's factory raised): one line, not a worker traceback
             cause = (str(exc).strip().splitlines() or [""])[0]
             self._load_error = InputError(f"--teacher {load.factory}: building the teacher failed: {type(exc).__name__}: {cause}")
 
