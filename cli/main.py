@@ -90,9 +90,12 @@ def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...
 @click.option("--seed", default=0, show_default=True, help="Seed of the view parameters.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="Ray actors, each loading the teacher once (0 = auto: one per GPU with --device cuda, else min(4, CPUs)).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda (one GPU per worker; pick GPUs with CUDA_VISIBLE_DEVICES) or mps.")
 @click.option("--amp", is_flag=True, help="Autocast the teacher forward (useful on cuda).")
-@click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
+@click.option("--ray-address", default=None,
+              help="Join this Ray cluster instead of starting a local one. Every node must see the store and "
+                   "the input shards at the same path (a shared filesystem); this is checked before the run.")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="fail: stop at the first bad shard/sample. skip: record it in the store and go on.")
 @click.option("--overwrite", is_flag=True, help="Discard this teacher's stored outputs (or the whole store if the inputs changed) and start over.")
@@ -228,13 +231,16 @@ def keys_cmd(store_path: Path, limit: int, offset: int, shard: int | None, as_js
 @click.argument("store_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--shards", multiple=True, help="Only these shards (index, URL or URL substring). Repeatable.")
 @click.option("--skip-inputs", is_flag=True, help="Do not re-read the input shards to compare keys.")
+@click.option("--inputs-root", default=None,
+              help="The input shards moved: read them under this folder (it replaces their recorded common folder).")
 @user_errors
-def verify_cmd(store_path: Path, shards: tuple[str, ...], skip_inputs: bool) -> None:
+def verify_cmd(store_path: Path, shards: tuple[str, ...], skip_inputs: bool, inputs_root: str | None) -> None:
     """Re-check checksums, row coverage and input keys; exit 1 naming the first problem."""
     from kdstore.store.reader import open_store
     from kdstore.store.verify import verify_store
 
-    report = verify_store(open_store(store_path), shards=shards or None, check_inputs=not skip_inputs)
+    report = verify_store(open_store(store_path), shards=shards or None, check_inputs=not skip_inputs,
+                          inputs_root=inputs_root)
     if report.ok:
         click.echo(f"ok: {report.shards_checked} shard checks, {report.fields_checked} field checksums")
         return

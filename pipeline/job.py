@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -22,11 +25,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from kdstore.pipeline.augment import AugmentSpec
-from kdstore.pipeline.teacher import TeacherLoad
+from kdstore.pipeline.teacher import TeacherLoad, load_factory
 from kdstore.pipeline.worker import ShardProcessor
 from kdstore.store import layout
 from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
+from kdstore.store.inputs import has_scheme, missing_local, normalize_url, recorded_to_absolute, shard_urls
 from kdstore.store.lock import StoreLock, store_lock
 from kdstore.store.reader import open_store
 from kdstore.store.schema import OutputSpec, TeacherSpec
@@ -34,6 +38,9 @@ from kdstore.store.shards import expand_urls, list_shard
 from kdstore.store.writer import clean_partial, write_plan, write_teacher_spec
 
 DTYPES = ("float16", "float32")
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # "Token authentication is enabled ..."
+# A GPU number is refused: inside a Ray actor only the actor's own GPU is visible (as cuda:0).
+DEVICE_RE = re.compile(r"cpu|cuda|mps")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +80,13 @@ class PrecomputeConfig:
             (self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}"),
             (self.on_error in ("fail", "skip"), f"--on-error must be fail or skip, got {self.on_error!r}"),
             (not (self.views and not self.augment), "--views needs --augment (e.g. 'rrc:scale=0.5-1;hflip:p=0.5')"),
+            (DEVICE_RE.fullmatch(self.teacher.device) is not None,
+             f"--device must be cpu, cuda or mps, got {self.teacher.device!r}" + (
+                 f"; Ray gives each worker its own GPU (it sets CUDA_VISIBLE_DEVICES per worker), so GPU "
+                 f"{self.teacher.device.partition(':')[2]} inside a worker would not be the GPU you mean: use --device cuda "
+                 f"(one GPU per worker; --workers N for N GPUs) and choose the GPUs with "
+                 f"CUDA_VISIBLE_DEVICES={self.teacher.device.partition(':')[2]} kdstore precompute ..."
+                 if self.teacher.device.startswith("cuda:") else "")),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,7 +135,17 @@ def _ensure_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+        # Ray 2.60 turns token authentication on for a new local cluster and logs a warning
+        # saying so on every start (unless RAY_AUTH_MODE is set before Ray is imported). The
+        # embedded cluster keeps that default, without the warning; a joined cluster
+        # (--ray-address) keeps its own settings and warnings.
+        auth_log = logging.getLogger(RAY_AUTH_LOGGER)
+        level = auth_log.level
+        auth_log.setLevel(logging.ERROR)
+        try:
+            ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+        finally:
+            auth_log.setLevel(level)
     return True
 
 
@@ -151,11 +175,14 @@ def plan_store(cfg: PrecomputeConfig, urls: list[str]):
     root = cfg.store
     if layout.store_file(root).exists():
         store = open_store(root)
-        if list(store.manifest.input_urls) != urls:
+        planned = [recorded_to_absolute(store, u) for u in store.manifest.input_urls]
+        given = [normalize_url(u) for u in urls]  # a/b/../x.tar and a/x.tar name the same shard
+        if planned != given:
             if not cfg.overwrite:
+                first = next((i for i, (p, g) in enumerate(zip(planned, given)) if p != g), min(len(planned), len(given)) - 1)
                 raise StoreMismatchError(
-                    f"store {root} was planned for other input shards ({len(store.manifest.input_urls)} shards, "
-                    f"first {store.manifest.input_urls[0]!r}) than given ({len(urls)}, first {urls[0]!r}); "
+                    f"store {root} was planned for other input shards ({len(planned)} shards, "
+                    f"#{first} {planned[first]!r}) than given ({len(given)}, #{first} {given[first]!r}); "
                     "use another --store, or --overwrite to delete it and start over"
                 )
             shutil.rmtree(layout.teachers_dir(root), ignore_errors=True)
@@ -221,18 +248,123 @@ def _check_teacher(cfg: PrecomputeConfig, spec: TeacherSpec) -> None:
     write_teacher_spec(cfg.store, spec)
 
 
+def preflight(cfg: PrecomputeConfig) -> list[str]:
+    """Everything checkable before any file or Ray process exists; returns the expanded inputs.
+
+    The factory is imported in the driver (a typo fails here, in milliseconds), the inputs
+    expand to at least one shard and local ones exist (with ``--on-error skip``, at least one),
+    the store path is not a file. Outputs and options were checked by :class:`PrecomputeConfig`.
+    """
+    load_factory(cfg.teacher.factory)
+    urls = expand_urls(list(cfg.inputs))
+    missing = [u for u in urls if missing_local(u)]
+    if missing and (cfg.on_error == "fail" or len(missing) == len(urls)):
+        more = f" ({len(missing)} of {len(urls)} input shards are missing)" if len(missing) > 1 else ""
+        raise InputError(f"shard {missing[0]}: not found{more}")
+    if cfg.store.exists() and not cfg.store.is_dir():
+        raise InputError(f"--store {cfg.store} is a file; give a folder (created if missing)")
+    return urls
+
+
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     """Run (or resume) one teacher over the inputs into ``cfg.store``."""
     start = time.perf_counter()
-    urls = expand_urls(list(cfg.inputs))
+    urls = preflight(cfg)
+    created = not cfg.store.exists()
     cfg.store.mkdir(parents=True, exist_ok=True)
-    with StoreLock(cfg.store) as lock, _overwrite_lock(cfg):
-        started_ray = _ensure_ray(cfg.ray_address)
-        try:
-            return _run_locked(cfg, urls, start, lock.token)
-        finally:
-            if started_ray:
-                ray.shutdown()
+    try:
+        with StoreLock(cfg.store) as lock, _overwrite_lock(cfg):
+            started_ray = _ensure_ray(cfg.ray_address)
+            try:
+                _check_cluster(cfg, urls)
+                return _run_locked(cfg, urls, start, lock.token)
+            finally:
+                if started_ray:
+                    ray.shutdown()
+    except ClusterError:
+        if created:  # a refused cluster leaves no half-made store behind
+            _remove_if_only_locks(cfg.store)
+        raise
+
+
+class ClusterError(InputError):
+    """The Ray cluster cannot run this job (no GPU for --device cuda, no shared filesystem)."""
+
+
+def _remove_if_only_locks(root: Path) -> None:
+    if all(p.name in (layout.LOCK_FILE, layout.READERS_LOCK_FILE) for p in root.iterdir()):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_cluster(cfg: PrecomputeConfig, urls: list[str]) -> None:
+    if cfg.teacher.device == "cuda" and ray.cluster_resources().get("GPU", 0) < 1:
+        raise ClusterError(
+            "--device cuda: the Ray cluster has no GPU (Ray found none; check nvidia-smi and "
+            "CUDA_VISIBLE_DEVICES), so no worker could start; use --device cpu"
+        )
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.teacher.device == "cuda" and cfg.workers > gpus:
+        raise ClusterError(
+            f"--workers {cfg.workers} with --device cuda needs one GPU per worker; the Ray cluster has {gpus}: "
+            f"use --workers {gpus} (or 0 = one per GPU)"
+        )
+    if cfg.ray_address:
+        check_shared_filesystem(cfg.store, [u for u in urls if not has_scheme(u)][:1])
+
+
+def _probe(paths: list[str], probe: str, token: str) -> tuple[str, str | None]:
+    """On one node: ``(hostname, None)`` when ``probe`` holds ``token`` and ``paths`` exist, else the problem."""
+    import socket
+
+    host = socket.gethostname()
+    try:
+        with open(probe) as fh:
+            if fh.read() != token:
+                return host, f"{probe} holds another job's token"
+    except OSError as exc:
+        return host, f"cannot read {probe} ({exc.strerror or exc})"
+    for path in paths:
+        if not os.path.exists(path):
+            return host, f"input shard {path} does not exist there"
+    return host, None
+
+
+def check_shared_filesystem(store: Path, local_inputs: list[str], *, timeout_s: float = 120.0) -> None:
+    """Refuse a cluster where some node cannot see the store (and the first local input) at the
+    same path: the workers write shard arrays into the store themselves.
+
+    The driver writes a probe file into the store; one task pinned to each alive node reads it.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    probe = store.resolve() / f".kdstore-probe-{token}"
+    probe.write_text(token)
+    try:
+        check = ray.remote(num_cpus=0)(_probe)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = {
+            check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                [normalize_url(p) for p in local_inputs], str(probe), token
+            ): n.get("NodeManagerAddress", n["NodeID"])
+            for n in nodes
+        }
+        ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            host, problem = ray.get(ref)
+            if problem:
+                raise ClusterError(
+                    f"--ray-address: node {host} ({refs[ref]}) does not see the store at {store.resolve()}: {problem}. "
+                    "kdstore needs the store and the input shards on a filesystem mounted at the same path on every "
+                    "node (object storage is not supported yet); give a --store (and --inputs) on such a filesystem"
+                )
+        if not_ready:
+            raise ClusterError(
+                f"--ray-address: {len(not_ready)} node(s) (first {refs[not_ready[0]]}) did not answer a filesystem check "
+                f"within {timeout_s:.0f}s; check the cluster with `ray status`"
+            )
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _overwrite_lock(cfg: PrecomputeConfig):
@@ -270,6 +402,7 @@ def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> Precom
     done = teacher.done_records()
     todo = [s for s in store.shards if s.index not in done]
     keys = store.keys
+    urls = shard_urls(store)  # recorded paths made absolute (store-relative ones under the store)
     bar = tqdm(
         total=sum(s.num_rows for s in todo),
         unit="sample",
@@ -287,7 +420,7 @@ def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> Precom
             while queue and idle:
                 actor, shard = idle.pop(), queue.pop(0)
                 ref = actor.run_shard.remote(
-                    str(cfg.store), spec, shard, list(keys[shard.row_start : shard.row_stop]),
+                    os.path.abspath(cfg.store), spec, replace(shard, url=urls[shard.index]), list(keys[shard.row_start : shard.row_stop]),
                     batch_size=cfg.batch_size, on_error=cfg.on_error, fence_token=fence_token, progress=progress,
                 )
                 pending[ref] = (actor, shard)

@@ -145,13 +145,59 @@ def batched(items: Iterable[tuple[int, str, list[Any]]], batch_size: int) -> Ite
 
 
 def forward(
-    batches: Iterable[Batch], teacher: Teacher, *, device: str = "cpu", amp: bool = False
+    batches: Iterable[Batch],
+    teacher: Teacher,
+    *,
+    device: str = "cpu",
+    amp: bool = False,
+    shard: ShardInfo | None = None,
 ) -> Iterator[tuple[Batch, dict[str, Any]]]:
-    """``(batch, raw teacher outputs)``; outputs have leading dim ``len(batch.inputs)``."""
+    """``(batch, raw teacher outputs)``; outputs have leading dim ``len(batch.inputs)``.
+
+    A forward that raises becomes one :class:`InputError` naming ``shard``, the batch's keys
+    and the cause (:func:`forward_error`).
+    """
     for batch in batches:
-        with torch.autocast(device_type=torch.device(device).type, enabled=amp):
-            raw = teacher.forward(batch.inputs)
+        try:
+            with torch.autocast(device_type=torch.device(device).type, enabled=amp):
+                raw = teacher.forward(batch.inputs)
+        except KdStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (the user's model): one line naming shard, keys and cause, no traceback
+            raise forward_error(exc, batch, shard) from None
         yield batch, raw
+
+
+# The way out for images of different sizes in one batch; the one place to update when
+# kdstore gains a resize transform.
+SIZE_HINT = "resize them when writing shards, or pass a teacher that accepts variable sizes"
+
+
+def _size(shape: tuple[int, ...], channels_differ: bool) -> str:
+    return "x".join(map(str, shape if channels_differ or len(shape) != 3 else shape[1:]))
+
+
+def forward_error(exc: Exception, batch: Batch, shard: ShardInfo | None) -> InputError:
+    """One line for a teacher forward that raised: different input sizes get :data:`SIZE_HINT`."""
+    where = f"shard {shard.url}" if shard is not None else "the batch"
+    width = max(1, len(batch.inputs) // max(1, len(batch)))
+    tensors = [x for x in batch.inputs if isinstance(x, torch.Tensor)]
+    if len(tensors) == len(batch.inputs) and tensors:
+        first = tuple(tensors[0].shape)
+        other = next((i for i, x in enumerate(tensors) if tuple(x.shape) != first), None)
+        if other is not None:
+            second = tuple(tensors[other].shape)
+            diff_c = len(first) == 3 and len(second) == 3 and first[0] != second[0]
+            return InputError(
+                f"images in {where} have sizes {_size(first, diff_c)} (key {batch.keys[0]!r}) and "
+                f"{_size(second, diff_c)} (key {batch.keys[other // width]!r}) in one batch; {SIZE_HINT}"
+            )
+    cause = (str(exc).strip().splitlines() or [""])[0]
+    seen = f" (its inputs are {'x'.join(map(str, tensors[0].shape))} tensors)" if tensors and len(tensors) == len(batch.inputs) else ""
+    return InputError(
+        f"{where} keys {batch.keys[0]!r}..{batch.keys[-1]!r}: the teacher's forward failed{seen}: "
+        f"{type(exc).__name__}: {cause}"
+    )
 
 
 @dataclass

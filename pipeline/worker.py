@@ -35,6 +35,9 @@ class ShardProcessor:
             self.teacher = load.build()
         except KdStoreError as exc:
             self._load_error = exc
+        except Exception as exc:  # noqa: BLE001 (the user's factory raised): one line, not a worker traceback
+            cause = (str(exc).strip().splitlines() or [""])[0]
+            self._load_error = InputError(f"--teacher {load.factory}: building the teacher failed: {type(exc).__name__}: {cause}")
 
     def describe(self) -> dict:
         if self._load_error:
@@ -67,7 +70,7 @@ class ShardProcessor:
         chain = stages.preprocess(chain, self.teacher, shard, handler)
         chain = stages.views(chain, spec, arrays.params)
         chain = stages.batched(chain, batch_size)
-        chain = stages.forward(chain, self.teacher, device=self.device, amp=self.amp)
+        chain = stages.forward(chain, self.teacher, device=self.device, amp=self.amp, shard=shard)
         chain = stages.reduce(chain, spec, shard)
         stages.collect(chain, arrays, handler, on_batch=None if progress is None else progress.add.remote)
         if not arrays.fields and not arrays.ragged:

@@ -159,6 +159,9 @@ class StoreManifest:
     input_urls: tuple[str, ...]
     shards: tuple[ShardInfo, ...]
     skipped_shards: tuple[dict, ...] = ()
+    # "store": relative local paths are relative to the store folder (stores planned since
+    # absolute paths were recorded); "cwd": relative to where precompute ran (older stores).
+    paths_relative_to: str = "cwd"
 
     def to_json(self) -> dict:
         doc = asdict(self)
@@ -190,6 +193,7 @@ class StoreManifest:
             input_urls=tuple(doc["input_urls"]),
             shards=shards,
             skipped_shards=tuple(doc.get("skipped_shards", ())),
+            paths_relative_to=doc.get("paths_relative_to", "cwd"),
         )
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import zarr
 
 from kdstore.store import layout
-from kdstore.store.inputs import input_problems
+from kdstore.store.inputs import input_problems, shard_urls
 from kdstore.store.reader import Store
 from kdstore.store.schema import ShardInfo
 from kdstore.store.writer import array_sha256
@@ -46,15 +46,20 @@ def _check_shard_fields(store: Store, name: str, shard: ShardInfo, record) -> It
 
 
 def verify_store(
-    store: Store, *, shards: Iterable[str | int] | None = None, check_inputs: bool = True
+    store: Store,
+    *,
+    shards: Iterable[str | int] | None = None,
+    check_inputs: bool = True,
+    inputs_root: str | None = None,
 ) -> VerifyReport:
     """Re-check every (selected) shard: checksums of each field, row coverage, and that the
-    input shards still hold the planned keys. Never raises for a damaged store: problems
-    are returned, first one first."""
+    input shards still hold the planned keys (read under ``inputs_root`` when the inputs
+    moved). Never raises for a damaged store: problems are returned, first one first."""
     report = VerifyReport()
     selected = store.select_shards(shards)
     if check_inputs:
-        for problem in input_problems(store, selected, mode="full"):
+        urls = shard_urls(store, inputs_root)
+        for problem in input_problems(store, selected, urls=urls, mode="full"):
             if problem.shard is None:
                 report.problems.append(problem.detail)
             elif problem.error is not None:

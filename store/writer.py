@@ -25,6 +25,7 @@ import zarr
 
 from kdstore.store import layout
 from kdstore.store.atomic import fsync_dir, fsync_tree, write_json_atomic
+from kdstore.store.inputs import record_url
 from kdstore.store.layout import OFFSETS_SUFFIX, VALID_ARRAY, VIEWS_ARRAY
 from kdstore.store.lock import check_fence
 from kdstore.store.schema import FORMAT_VERSION, DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec
@@ -62,9 +63,13 @@ def write_plan(
     labels_per_shard: Sequence[Sequence[int | None]],
     skipped_shards: Sequence[dict] = (),
     input_urls: Sequence[str] | None = None,
+    paths_relative_to: str = "store",
 ) -> StoreManifest:
     """Fix every row before any teacher runs: ``samples.parquet`` first, ``store.json`` last."""
     root.mkdir(parents=True, exist_ok=True)
+    if paths_relative_to == "store":  # local paths absolute, or relative to the store inside it
+        urls = [record_url(u, root) for u in urls]
+        input_urls = None if input_urls is None else [record_url(u, root) for u in input_urls]
     shards, rows = [], 0
     for index, (url, keys) in enumerate(zip(urls, keys_per_shard)):
         shards.append(ShardInfo(index=index, url=url, row_start=rows, num_rows=len(keys)))
@@ -91,6 +96,7 @@ def write_plan(
         input_urls=tuple(input_urls if input_urls is not None else urls),
         shards=tuple(shards),
         skipped_shards=tuple(skipped_shards),
+        paths_relative_to=paths_relative_to,
     )
     write_json_atomic(layout.store_file(root), manifest.to_json())
     return manifest

@@ -40,6 +40,7 @@ class DataConfig:
     train_shards: tuple[str, ...] = ("train-",)
     eval_shards: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
+    inputs_root: str = ""  # the folder that now holds the store's input shards, when they moved
     input_key: str = ""
     labels: LabelsSpec = LabelsSpec()  # TOML text all | none | per_class:N | count:N | keys:PATH
     labels_seed: int = 0

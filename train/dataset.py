@@ -32,7 +32,7 @@ from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
 from kdstore.pipeline.decode import decode_field
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.hashing import mix64 as mix64_
-from kdstore.store.inputs import check_inputs, mismatch_error
+from kdstore.store.inputs import check_inputs, mismatch_error, missing_local, moved_error, shard_urls
 from kdstore.store.layout import VIEWS_ARRAY
 from kdstore.store.reader import Store, open_store
 from kdstore.store.schema import ShardInfo
@@ -125,10 +125,13 @@ def mix64(*parts: np.ndarray | int) -> np.ndarray:
 # --------------------------------------------------------------------------- inputs vs store
 
 
-def resolve_inputs(store: Store, patterns: Sequence[str]) -> dict[int, str]:
-    """Shard index → input URL: the store's own URLs, or ``patterns`` matched by file name."""
+def resolve_inputs(store: Store, patterns: Sequence[str], inputs_root: str | None = None) -> dict[int, str]:
+    """Shard index → input URL: the store's own URLs (moved under ``inputs_root`` when given,
+    :func:`kdstore.store.inputs.shard_urls`), or ``patterns`` matched by file name."""
+    if patterns and inputs_root:
+        raise InputError("give data.inputs or data.inputs_root, not both")
     if not patterns:
-        return {s.index: s.url for s in store.shards}
+        return shard_urls(store, inputs_root)
     by_name: dict[str, str] = {}
     for url in expand_urls(list(patterns)):
         name = os.path.basename(url.rstrip("/"))
@@ -138,6 +141,7 @@ def resolve_inputs(store: Store, patterns: Sequence[str]) -> dict[int, str]:
     return {s.index: by_name[os.path.basename(s.url)] for s in store.shards if os.path.basename(s.url) in by_name}
 
 
+INPUTS_OPTION = "set data.inputs_root = DIR in the config (or kdstore train --set data.inputs_root=DIR)"
 INPUTS_HINT = "point data.inputs at the shards the store was built from, or precompute a new store"
 
 
@@ -149,7 +153,7 @@ def verify_inputs(store: Store, urls: dict[int, str], shards: Sequence[ShardInfo
     the first key of each shard; ``off`` checks nothing here (keys are still checked while
     streaming). The check is :func:`kdstore.store.inputs.check_inputs`, shared with ``kdstore verify``.
     """
-    check_inputs(store, shards, urls=urls, mode=mode, hint=INPUTS_HINT)
+    check_inputs(store, shards, urls=urls, mode=mode, hint=INPUTS_HINT, option=INPUTS_OPTION)
 
 
 def _mismatch(store: Store, shard: ShardInfo, url: str, detail: str) -> StoreMismatchError:
@@ -206,6 +210,8 @@ class StreamingDataset(IterableDataset):
         shards: selectors (index, URL substring, ``"A..B"`` index range); all when None.
         fields: ``{teacher: [field, ...]}`` targets to read.
         inputs: input URL patterns replacing the store's shard URLs (matched by file name).
+        inputs_root: the folder that now holds the store's input shards, when they moved
+            (replaces the recorded shards' common folder; not with ``inputs``).
         labels / labels_seed / only_labeled: the labelled subset (a :class:`LabelsSpec` or its text);
             ``only_labeled`` streams only it.
         shuffle: seeded shard order and shuffle buffer (False: store order, for evaluation).
@@ -225,6 +231,7 @@ class StreamingDataset(IterableDataset):
         shards: Sequence[str | int] | None = None,
         fields: dict[str, Sequence[str]] | None = None,
         inputs: Sequence[str] = (),
+        inputs_root: str | None = None,
         input_key: str = "",
         labels: LabelsSpec | str = "all",
         labels_seed: int = 0,
@@ -263,11 +270,14 @@ class StreamingDataset(IterableDataset):
         self.loader_workers = None if loader_workers is None else int(loader_workers)
         self.loader_batch_size = int(loader_batch_size)
         self.cache = InputCache() if cache is True else (cache or None)
-        self.urls = resolve_inputs(self.store, inputs)
+        self.urls = resolve_inputs(self.store, inputs, inputs_root)
         missing = [s.url for s in self.shards if s.index not in self.urls]
         if missing:
             raise InputError(f"data.inputs has no shard named like {os.path.basename(missing[0])} "
                              f"(store shard {missing[0]})")
+        gone = [self.urls[s.index] for s in self.shards if s.index in self.urls and missing_local(self.urls[s.index])]
+        if gone and not inputs:
+            raise moved_error(self.store, gone[0], INPUTS_OPTION)
         self._check_teachers()
         verify_inputs(self.store, self.urls, self.shards, verify)
         # Shared with forked DataLoader workers, so persistent workers see set_epoch/resume.

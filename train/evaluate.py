@@ -40,7 +40,8 @@ def eval_dataset(store: Store, d: DataConfig, teacher: str | None, cache: InputC
         missing = set(store.teacher(teacher).missing_shards())
         if not any(s.index in missing for s in shards):
             fields = {teacher: [logits_field()]}
-    return StreamingDataset(store, shards=d.eval_shards, fields=fields, inputs=d.inputs, input_key=d.input_key,
+    return StreamingDataset(store, shards=d.eval_shards, fields=fields, inputs=d.inputs,
+                            inputs_root=d.inputs_root or None, input_key=d.input_key,
                             labels="all", shuffle=False, replay_views=False, rank=0, world_size=1,
                             loader_workers=0, loader_batch_size=d.batch_size, cache=cache, verify=verify)
 

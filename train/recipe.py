@@ -135,7 +135,8 @@ class Recipe:
         need = {} if cfg.online.enabled else {t: sorted(f) for t, f in cfg.teachers().items()}
         d = cfg.data
         self.train_set = StreamingDataset(
-            self.store, shards=d.train_shards, fields=need, inputs=d.inputs, input_key=d.input_key,
+            self.store, shards=d.train_shards, fields=need, inputs=d.inputs, inputs_root=d.inputs_root or None,
+            input_key=d.input_key,
             labels=d.labels, labels_seed=d.labels_seed, only_labeled=d.only_labeled, shuffle=True,
             shuffle_buffer=d.shuffle_buffer, seed=cfg.train.seed,
             augment=cfg.online.augment if cfg.online.enabled else "",

@@ -78,3 +78,9 @@ class RowTokenTeacher:
 
 def row_tokens() -> RowTokenTeacher:
     return RowTokenTeacher()
+
+
+def rgb_cnn() -> nn.Module:
+    """A tiny CNN that expects 3-channel images (given 1-channel Fashion-MNIST it fails)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
