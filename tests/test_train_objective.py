@@ -353,8 +353,23 @@ def test_sample_weights_reach_every_kind_that_takes_them(st, tmp_path):
         assert off_unweighted > 10 * off_weighted, (term["kind"], off_unweighted, off_weighted)  # weights matter
 
 
-@pytest.mark.parametrize("name", ["fashion_factory_student.toml", "fashion_relational.toml",
-                                  "fashion_routed_teachers.toml", "losses_tour.toml"])
+# Each loss kind appears in at least one of these (checked below).
+CONFIG_EXAMPLES = ["fashion_factory_student.toml", "fashion_relational.toml", "fashion_routed_teachers.toml",
+                   "fashion_contrastive.toml", "fashion_few_labels_dho.toml", "losses_tour.toml"]
+
+
+def test_every_loss_kind_has_a_config_example():
+    from pathlib import Path
+
+    from kdstore.train.config import load_config
+    from kdstore.train.objective import KINDS
+
+    root = Path(__file__).parents[1] / "configs"
+    shown = {t.kind for name in CONFIG_EXAMPLES for t in load_config(root / name).loss}
+    assert shown == set(KINDS)
+
+
+@pytest.mark.parametrize("name", CONFIG_EXAMPLES)
 def test_config_examples_run(st, tmp_path, monkeypatch, name):
     from pathlib import Path
 
