@@ -313,6 +313,33 @@ def test_relational_ranking_and_routed_kinds_match_hand_computations_through_the
     assert len({round(v, 6) for v in w.tolist()}) > 3  # the weights differ between rows: they are tested
 
 
+def test_the_terms_run_in_float32_under_autocast(st, tmp_path):
+    """bfloat16 autocast would round the Gram matrices of the relational losses (a 2-4 % error)."""
+    from kdstore.train.objective import compute_loss
+
+    terms = [{"kind": "rkd_distance", "teacher": "cnn"}, {"kind": "rkd_angle", "teacher": "cnn"},
+             {"kind": "ranking", "teacher": "cnn", "temperature": 0.1}]
+    recipe, batch, (_, parts) = _one_batch(st, tmp_path, terms)
+    with torch.no_grad():
+        out = recipe.model(batch["input"])  # float32 outputs; only the loss runs under autocast here
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, amp_parts = compute_loss(recipe.terms, out, batch, recipe.num_classes)
+    assert amp_parts == pytest.approx(parts, rel=1e-6)
+
+
+@pytest.mark.parametrize("term, message", [
+    ({"kind": "ce", "sample_weights": "max_prob"}, r"loss ce: sample_weights does not apply to this kind \(it takes weight\)"),
+    ({"kind": "rkd_angle", "teacher": "t", "sample_weights": "entropy"},
+     r"sample_weights does not apply .*takes weight, teacher, field, student_layer"),
+    ({"kind": "kd", "teachers": ["t", "u"]}, r"loss kd: name its teacher"),
+    ({"kind": "routed_kd", "teachers": ["t", "u"], "top_k": 3}, r"top_k must be in \[0, number of teachers\]"),
+    ({"kind": "multi_kd", "teachers": ["t"], "router_input": "embedding"}, r"router_input does not apply"),
+])
+def test_a_setting_the_kind_does_not_read_is_refused(term, message):
+    with pytest.raises(InputError, match=message):
+        parse_config({"data": {"store": "/s"}, "loss": [term]})
+
+
 # Kinds whose value is one weighted mean of independent per-row losses; the others are
 # hand-computed above (dho: two means; ranking: rows rank each other).
 PER_ROW_WEIGHTED = {

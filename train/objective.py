@@ -309,22 +309,31 @@ def compute_loss(
 
     ``terms`` come from :func:`resolve_terms`. Pads and rows a teacher could not score are
     masked out of that teacher's terms; labels are -1 outside the labelled subset, which the
-    CE parts ignore. ``mined[i]`` serves the contrastive term ``i``.
+    CE parts ignore. ``mined[i]`` serves the contrastive term ``i``. The terms run outside any
+    autocast (in float32): under bfloat16 the Gram matrices of the relational and retrieval
+    losses lose their differences (``‖a‖² + ‖b‖² − 2ab`` cancels).
     """
     real = ~batch["pad"]
     targets = batch.get("targets", {})
-    total = out["logits"].new_zeros(())
+    device = next(iter(out.values())).device
+    total = torch.zeros((), dtype=torch.float32, device=device)
     parts: dict[str, float] = {}
-    for i, term in enumerate(terms):
-        tg = targets.get(term.teacher, {})
-        x = TermInput(out=out, proj=out.get(f"proj/{i}"), tg=tg, targets=targets, labels=batch["label"], real=real,
-                      mask=real & tg["valid"] if term.teacher else real,
-                      weights=sample_weights(term, targets, num_classes), rows=batch["row"],
-                      mined=(mined or {}).get(i))
-        value = KINDS[term.kind].compute(term, x)
-        parts[f"loss/{i}.{term.kind}"] = float(value.detach())
-        total = total + term.weight * value
+    with torch.autocast(device_type=device.type, enabled=False):
+        for i, term in enumerate(terms):
+            value = _term_value(i, term, out, batch, real, targets, num_classes, mined)
+            parts[f"loss/{i}.{term.kind}"] = float(value.detach())
+            total = total + term.weight * value
     return total, parts
+
+
+def _term_value(i: int, term: "LossConfig", out: dict, batch: dict, real: Tensor, targets: dict, num_classes: int,
+                mined: dict | None) -> Tensor:
+    tg = targets.get(term.teacher, {})
+    x = TermInput(out=out, proj=out.get(f"proj/{i}"), tg=tg, targets=targets, labels=batch["label"], real=real,
+                  mask=real & tg["valid"] if term.teacher else real,
+                  weights=sample_weights(term, targets, num_classes), rows=batch["row"],
+                  mined=(mined or {}).get(i))
+    return KINDS[term.kind].compute(term, x)
 
 
 def sample_weights(term: "LossConfig", targets: dict, num_classes: int) -> Tensor | None:
