@@ -415,6 +415,14 @@ def test_config_examples_run(st, tmp_path, monkeypatch, name):
     losses = [r for r in log if "loss" in r]
     assert losses and all(math.isfinite(r["loss"]) for r in losses)
     assert {f"loss/{i}.{t.kind}" for i, t in enumerate(cfg.loss)} <= set(losses[-1])
+    from kdstore.train import load_student
+
+    student = load_student(tmp_path / "run")  # rebuilt from student.json, weights from student.pt
+    expected_type = {"fashion_factory_student.toml": "SmallConvNet"}.get(name, "Classifier")
+    assert type(student).__name__ == expected_type
+    saved = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    state = student.state_dict()
+    assert all(torch.equal(v, saved[k if k in saved else f"net.{k}"]) for k, v in state.items())
 
 
 # --------------------------------------------------------------------------- top-k temperature
