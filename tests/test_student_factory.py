@@ -179,3 +179,19 @@ def test_config_refuses_mixing_a_factory_with_preset_settings():
         parse_config({**base, "model": {"args": {"width": 3}}})
     with pytest.raises(InputError, match="must look like package.module:function"):
         parse_config({**base, "model": {"factory": "students.conv_logits"}})
+
+
+def test_a_checkpoint_config_from_before_the_new_settings_still_resumes():
+    from kdstore.train.checkpoint import config_differences
+
+    doc = {"data": {"store": "/s"}, "loss": [{"kind": "ce"}, {"kind": "kd", "teacher": "t"}]}
+    new = parse_config(doc).to_dict()
+    old = json.loads(json.dumps(new))  # as an older kdstore wrote it: no factory, args, embedding, router_*
+    for key in ("factory", "args", "embedding"):
+        del old["model"][key]
+    for term in old["loss"]:
+        for key in ("teacher_temperature", "router_input", "router_hidden", "top_k", "balance_weight"):
+            del term[key]
+    assert config_differences(old, new) == []
+    old["model"]["hidden"] = 64
+    assert config_differences(old, new) == ["model.hidden: 64 → 32"]

@@ -51,9 +51,21 @@ def flatten(doc: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _with_defaults(doc: dict) -> dict:
+    """A saved config with the settings added since it was written filled in at their defaults
+    (so a checkpoint from before a new setting existed still resumes); as saved if it no longer parses."""
+    from kdstore.train.config import parse_config
+
+    try:
+        return parse_config(doc).to_dict()
+    except InputError:
+        return doc
+
+
 def config_differences(saved: dict, new: dict, allowed: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
-    """``["optim.lr: 0.003 → 0.01", ...]``: settings that differ, outside ``allowed``."""
-    old, cur = flatten(saved), flatten(new)
+    """``["optim.lr: 0.003 → 0.01", ...]``: settings that differ, outside ``allowed`` (settings
+    newer than ``saved`` count at their defaults)."""
+    old, cur = flatten(_with_defaults(saved)), flatten(new)
     return [f"{k}: {old.get(k, '(unset)')!r} → {cur.get(k, '(unset)')!r}"
             for k in sorted(set(old) | set(cur)) if k not in allowed and old.get(k) != cur.get(k)]
 
