@@ -142,6 +142,8 @@ def test_the_file_form_and_a_dho_head_on_a_named_layer(store, tmp_path):
     assert record["factory_file"] == str(STUDENTS_FILE.resolve()) and record["kd_head"] == [6, 10]
     loaded = load_student(out)
     assert type(loaded).__name__ == "FactoryStudent" and type(loaded.net).__name__ == "DictMLP"
+    moved = load_student(out, factory="students:dict_mlp")  # the module form instead of the recorded file
+    assert type(moved.net).__module__ == "students"
     with torch.no_grad():
         again = loaded(x)
     assert all(torch.equal(again[k], got[k]) for k in ("logits", "kd_logits", "embedding"))

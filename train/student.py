@@ -199,27 +199,30 @@ def dummy_batch(input_shape: Sequence[int], device: torch.device | str = "cpu") 
 # --------------------------------------------------------------------------- record and reload
 
 
-def rebuild(record: dict) -> nn.Module:
-    """The untrained student a :func:`build_model` record describes (same parameters, same names)."""
+def rebuild(record: dict, factory: str | None = None) -> nn.Module:
+    """The untrained student a :func:`build_model` record describes (same parameters, same names);
+    ``factory`` replaces the recorded one (e.g. the file moved)."""
     from kdstore.train.models import build_student
 
     shape, k = tuple(record["input_shape"]), int(record["num_classes"])
     if record.get("factory"):
         spec = record.get("factory_file") and f"{record['factory_file']}:{record['factory'].rpartition(':')[2]}"
-        net = call_factory(spec or record["factory"], record.get("args", {}), num_classes=k, input_shape=shape)
+        net = call_factory(factory or spec or record["factory"], record.get("args", {}), num_classes=k,
+                           input_shape=shape)
         head = record.get("kd_head")
         return FactoryStudent(net, record.get("embedding", "embedding"), tuple(head) if head else None)
     return build_student(record["arch"], shape, k, hidden=record["hidden"], width=record["width"],
                          dual_head=record["dual_head"])
 
 
-def load_student(out_dir: str | Path, *, checkpoint: str | Path | None = None) -> nn.Module:
+def load_student(out_dir: str | Path, *, checkpoint: str | Path | None = None, factory: str | None = None) -> nn.Module:
     """The trained student of a run, rebuilt and loaded (``torch.load(weights_only=True)``), in eval mode.
 
     Reads ``OUT/student.json`` (how the student was built) and ``OUT/student.pt`` (its weights);
     with ``checkpoint`` (a path), or when the run has not finished, the newest
     ``OUT/checkpoints/step-*.pt`` instead. A factory student is rebuilt by calling its factory
-    again (the recorded file, or the module on ``PYTHONPATH``) with its recorded ``args``.
+    again (the recorded file, or the module on ``PYTHONPATH``) with its recorded ``args``;
+    ``factory`` (``module:function`` or ``file.py:function``) names it instead, e.g. after a move.
 
     Returns the factory's own module (its class, its forward) — or, for a DHO student, the
     :class:`FactoryStudent` holding it as ``.net`` plus ``.kd_head``; a preset student
@@ -243,7 +246,7 @@ def load_student(out_dir: str | Path, *, checkpoint: str | Path | None = None) -
                              "older kdstore); rebuild the student yourself and load its state_dict")
         record = saved["student"]
         state = {k[len("student."):]: v for k, v in saved["model"].items() if k.startswith("student.")}
-    student = rebuild(record)
+    student = rebuild(record, factory)
     student.load_state_dict(state)
     student.eval()
     if isinstance(student, FactoryStudent) and student.kd_head is None:
