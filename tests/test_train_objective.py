@@ -58,7 +58,7 @@ def _precompute(store, inputs, name, weights, **kw) -> None:
 @pytest.fixture(scope="module")
 def st(tmp_path_factory, ray_session):
     """2 train shards × 40 images; teachers cnn (T=2: logits, top-3, embedding, features, scores),
-    cnn2 (logits) and cnnv (2 stored views); hard negatives ``hn`` mined from cnn's embedding."""
+    cnn2 (logits, scores) and cnnv (2 stored views); hard negatives ``hn`` mined from cnn's embedding."""
     from kdstore.store.index import IndexSpec
     from kdstore.store.mine import MineSpec
     from kdstore.store.retrieval import mine_store
@@ -82,7 +82,7 @@ def st(tmp_path_factory, ray_session):
     store = root / "store"
     _precompute(store, inputs, "cnn", weights[0], temperature=STORED_T,
                 outputs=("logits", "topk:3", "embedding:embed", "features:features:mean", "scores"))
-    _precompute(store, inputs, "cnn2", weights[1], outputs=("logits",))
+    _precompute(store, inputs, "cnn2", weights[1], outputs=("logits", "scores"))
     _precompute(store, inputs, "cnnv", weights[0], outputs=("logits",), views=2, augment=AUGMENT, seed=VIEW_SEED)
     mine_store(store, "cnn", "embedding", MineSpec(num_negatives=3, range_max=10), name="hn",
                index_spec=IndexSpec(kind="flat"), progress=False)
@@ -232,6 +232,197 @@ def test_dho_matches_a_hand_computation_through_the_trainer(st, tmp_path):
     expected = 0.3 * ce + 0.7 * kd
     assert math.isclose(parts["loss/0.dho"], expected, rel_tol=2e-4), (parts["loss/0.dho"], expected)
     assert math.isclose(float(total), expected, rel_tol=2e-4)
+
+
+def _smooth_l1(a, b):
+    diff = (a - b).abs()
+    return torch.where(diff < 1, 0.5 * diff * diff, diff - 0.5)
+
+
+def test_relational_ranking_and_routed_kinds_match_hand_computations_through_the_trainer(st, tmp_path):
+    terms = [
+        {"kind": "rkd_distance", "teacher": "cnn"},  # the student's embedding vs the stored embedding
+        {"kind": "rkd_angle", "teacher": "cnn", "field": "features/features", "student_layer": "body.fc", "weight": 2.0},
+        {"kind": "ranking", "teacher": "cnn", "temperature": 0.5, "teacher_temperature": 0.2,
+         "sample_weights": "max_prob", "weight": 0.3},
+        {"kind": "routed_kd", "teachers": ["cnn", "cnn2"], "temperature": 2.0, "balance_weight": 0.05,
+         "sample_weights": "entropy", "weight": 0.4},
+        {"kind": "routed_kd", "teachers": ["cnn", "cnn2"], "top_k": 1, "router_input": "embedding",
+         "router_hidden": 5, "balance_weight": 0.0},
+    ]
+    recipe, batch, (total, parts) = _one_batch(st, tmp_path, terms)
+    real = ~batch["pad"]
+    rows = batch["row"][real]
+    out = {k: v[real] for k, v in _student(recipe, batch).items()}
+    s, emb = out["logits"], out["embedding"]
+    b = len(rows)
+    eye = torch.eye(b, dtype=torch.bool)
+    t_emb = _teacher(st, "cnn", "embedding", rows)
+    expected = {}
+
+    def psi(x):
+        d = torch.cdist(x, x)
+        return d / d[~eye].mean()
+
+    expected[0] = float(_smooth_l1(psi(emb), psi(t_emb))[~eye].mean())
+
+    def angles(x):  # [j, i, k] = cos of the angle at x_j between x_i and x_k
+        e = F.normalize(x[None, :, :] - x[:, None, :], dim=-1)
+        return torch.einsum("jid,jkd->jik", e, e)
+
+    fc = _linear(recipe.model.student.body.fc, batch["input"][real].double().flatten(1))
+    idx = torch.arange(b)
+    distinct = (idx[:, None, None] != idx[None, :, None]) & (idx[:, None, None] != idx[None, None, :]) \
+        & (idx[None, :, None] != idx[None, None, :])
+    feats = _teacher(st, "cnn", "features/features", rows)
+    expected[1] = float(_smooth_l1(angles(fc), angles(feats))[distinct].mean())
+
+    sn, tn = F.normalize(emb, dim=-1), F.normalize(t_emb, dim=-1)
+    w = _teacher(st, "cnn", "scores/max_prob", rows).clamp(0, 1)
+    per_row = []
+    for i in range(b):
+        others = idx != i  # every other row of the batch is a candidate
+        log_p = F.log_softmax(tn[others] @ tn[i] / 0.2, 0)
+        log_q = F.log_softmax(sn[others] @ sn[i] / 0.5, 0)
+        per_row.append(float((log_p.exp() * (log_p - log_q)).sum()))
+    expected[2] = _wmean(torch.tensor(per_row, dtype=torch.float64), w)
+
+    T = 2.0
+    z = torch.stack([_teacher(st, "cnn", "logits", rows), _teacher(st, "cnn2", "logits", rows)])
+    kl = (_kl(F.log_softmax(z / T, -1), F.log_softmax(s / T, -1)) * T * T).T  # [b, t]
+    router = recipe.model.projectors["3"].net  # fed the student's logits (MST-Distill's gate)
+    gate = torch.softmax(_linear(router[2], F.gelu(_linear(router[0], s))), -1)
+    H = torch.stack([_teacher(st, t, "scores/entropy", rows) for t in ("cnn", "cnn2")])  # stored, nats
+    we = (1 - H / math.log(10)).clamp(0, 1).mean(0)  # entropy weights, mean over the two teachers
+    usage = gate.mean(0)
+    balance = float((0.5 * (math.log(0.5) - usage.log())).sum())
+    expected[3] = _wmean((gate * kl).sum(-1), we) + 0.05 * balance
+
+    router = recipe.model.projectors["4"].net  # fed the embedding; top-1: the best-routed teacher's KL
+    assert router[0].out_features == 5
+    route = _linear(router[2], F.gelu(_linear(router[0], emb)))
+    T = 1.0
+    kl1 = (_kl(F.log_softmax(z / T, -1), F.log_softmax(s / T, -1)) * T * T).T
+    expected[4] = float(kl1.gather(1, route.argmax(1, keepdim=True)).mean())
+
+    wrong = [(term["kind"], i, parts[f"loss/{i}.{term['kind']}"], expected[i]) for i, term in enumerate(terms)
+             if not math.isclose(parts[f"loss/{i}.{term['kind']}"], expected[i], rel_tol=2e-4, abs_tol=1e-6)]
+    assert not wrong, f"wrong terms: {wrong}"
+    assert math.isclose(float(total), sum(t.get("weight", 1.0) * expected[i] for i, t in enumerate(terms)),
+                        rel_tol=2e-4)
+    assert len({round(v, 6) for v in w.tolist()}) > 3  # the weights differ between rows: they are tested
+
+
+def test_the_terms_run_in_float32_under_autocast(st, tmp_path):
+    """bfloat16 autocast would round the Gram matrices of the relational losses (a 2-4 % error)."""
+    from kdstore.train.objective import compute_loss
+
+    terms = [{"kind": "rkd_distance", "teacher": "cnn"}, {"kind": "rkd_angle", "teacher": "cnn"},
+             {"kind": "ranking", "teacher": "cnn", "temperature": 0.1}]
+    recipe, batch, (_, parts) = _one_batch(st, tmp_path, terms)
+    with torch.no_grad():
+        out = recipe.model(batch["input"])  # float32 outputs; only the loss runs under autocast here
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, amp_parts = compute_loss(recipe.terms, out, batch, recipe.num_classes)
+    assert amp_parts == pytest.approx(parts, rel=1e-6)
+
+
+@pytest.mark.parametrize("term, message", [
+    ({"kind": "ce", "sample_weights": "max_prob"}, r"loss ce: sample_weights does not apply to this kind \(it takes weight\)"),
+    ({"kind": "rkd_angle", "teacher": "t", "sample_weights": "entropy"},
+     r"sample_weights does not apply .*takes weight, teacher, field, student_layer"),
+    ({"kind": "kd", "teachers": ["t", "u"]}, r"loss kd: name its teacher"),
+    ({"kind": "routed_kd", "teachers": ["t", "u"], "top_k": 3}, r"top_k must be in \[0, number of teachers\]"),
+    ({"kind": "multi_kd", "teachers": ["t"], "router_input": "embedding"}, r"router_input does not apply"),
+])
+def test_a_setting_the_kind_does_not_read_is_refused(term, message):
+    with pytest.raises(InputError, match=message):
+        parse_config({"data": {"store": "/s"}, "loss": [term]})
+
+
+# Kinds whose value is one weighted mean of independent per-row losses; the others are
+# hand-computed above (dho: two means; ranking: rows rank each other).
+PER_ROW_WEIGHTED = {
+    "kd": {"teacher": "cnn", "temperature": 2.0},
+    "topk_kd": {"teacher": "cnn"},
+    "feature": {"teacher": "cnn", "field": "features/features", "student_layer": "body.fc"},
+    "embedding": {"teacher": "cnn"},
+    "multi_kd": {"teachers": ["cnn", "cnn2"], "combine": "confidence"},
+    "contrastive": {"teacher": "cnn", "negatives": "hn", "temperature": 0.3},
+    "routed_kd": {"teachers": ["cnn", "cnn2"], "balance_weight": 0.0},
+}
+
+
+def test_sample_weights_reach_every_kind_that_takes_them(st, tmp_path):
+    from kdstore.train.objective import KINDS
+
+    weighted = {name for name, kind in KINDS.items() if "sample_weights" in kind.settings}
+    assert weighted == set(PER_ROW_WEIGHTED) | {"dho", "ranking"}  # a new kind joins one of the two tests
+    terms = [{"kind": kind, "sample_weights": "max_prob", "weight_power": 2.0, **extra}
+             for kind, extra in PER_ROW_WEIGHTED.items()]
+    recipe, batch, (_, parts) = _one_batch(st, tmp_path, terms)
+    real = torch.nonzero(~batch["pad"])[:, 0]
+    rows = batch["row"][real]
+    per_row = []
+    with torch.no_grad():
+        for i in real.tolist():  # each row alone: every other row is a pad
+            alone = dict(batch, pad=torch.arange(len(batch["pad"])) != i)
+            per_row.append(recipe.loss(alone)[1])
+    for i, term in enumerate(terms):
+        name = f"loss/{i}.{term['kind']}"
+        teachers = term.get("teachers", [term.get("teacher")])
+        w = torch.stack([_teacher(st, t, "scores/max_prob", rows).clamp(0, 1) ** 2 for t in teachers]).mean(0)
+        losses = torch.tensor([p[name] for p in per_row], dtype=torch.float64)
+        assert float(w.std() / w.mean()) > 0.05  # the weights differ between rows
+        off_weighted = abs(parts[name] - _wmean(losses, w))
+        off_unweighted = abs(parts[name] - float(losses.mean()))
+        assert off_weighted <= 1e-5 * abs(parts[name]) + 1e-7, (term["kind"], off_weighted)
+        assert off_unweighted > 10 * off_weighted, (term["kind"], off_unweighted, off_weighted)  # weights matter
+
+
+# Each loss kind appears in at least one of these (checked below).
+CONFIG_EXAMPLES = ["fashion_factory_student.toml", "fashion_relational.toml", "fashion_routed_teachers.toml",
+                   "fashion_contrastive.toml", "fashion_few_labels_dho.toml", "losses_tour.toml"]
+
+
+def test_every_loss_kind_has_a_config_example():
+    from pathlib import Path
+
+    from kdstore.train.config import load_config
+    from kdstore.train.objective import KINDS
+
+    root = Path(__file__).parents[1] / "configs"
+    shown = {t.kind for name in CONFIG_EXAMPLES for t in load_config(root / name).loss}
+    assert shown == set(KINDS)
+
+
+@pytest.mark.parametrize("name", CONFIG_EXAMPLES)
+def test_config_examples_run(st, tmp_path, monkeypatch, name):
+    from pathlib import Path
+
+    from kdstore.train.config import load_config
+
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)  # the factory example names its file relative to the repository root
+    cfg = load_config(root / "configs" / name, [
+        f"data.store={json.dumps(str(st['store']))}", f"train.out_dir={json.dumps(str(tmp_path / 'run'))}",
+        "data.eval_shards=[]", 'data.labels="per_class:2"', "data.batch_size=16", "data.workers=0",
+        "data.cache=false", "train.steps=2", "train.epochs=1", "train.progress=false",
+        "train.checkpoint_every_steps=0"])
+    result = run(cfg)
+    assert result.steps == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in log if "loss" in r]
+    assert losses and all(math.isfinite(r["loss"]) for r in losses)
+    assert {f"loss/{i}.{t.kind}" for i, t in enumerate(cfg.loss)} <= set(losses[-1])
+    from kdstore.train import load_student
+
+    student = load_student(tmp_path / "run")  # rebuilt from student.json, weights from student.pt
+    expected_type = {"fashion_factory_student.toml": "SmallConvNet"}.get(name, "Classifier")
+    assert type(student).__name__ == expected_type
+    saved = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    state = student.state_dict()
+    assert all(torch.equal(v, saved[k if k in saved else f"net.{k}"]) for k, v in state.items())
 
 
 # --------------------------------------------------------------------------- top-k temperature

@@ -1,7 +1,9 @@
 """What a run writes in ``train.out_dir``, and checkpoint I/O.
 
 ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/checkpoints/step-NNNNNNNNN.pt``,
-``OUT/student.pt`` and ``OUT/summary.json``. A non-empty ``out_dir`` is refused unless the
+``OUT/student.pt`` (the student's ``state_dict``), ``OUT/student.json`` (how to rebuild it:
+preset or factory and its args, input shape, classes; :func:`kdstore.train.load_student`)
+and ``OUT/summary.json``. A non-empty ``out_dir`` is refused unless the
 run resumes (the checkpoint's config must match, :data:`RESUME_MAY_CHANGE` aside) or
 overwrites (the files above are deleted first; nothing else is touched).
 
@@ -26,7 +28,8 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 STUDENT_FILE = "student.pt"
 SUMMARY_FILE = "summary.json"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, STUDENT_FILE, SUMMARY_FILE)
+STUDENT_RECORD_FILE = "student.json"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, STUDENT_FILE, STUDENT_RECORD_FILE, SUMMARY_FILE)
 # Settings a resume may change: none of them alters the stream, the model or the schedule.
 # (data.store / data.inputs may move: the input fingerprint and the keys are still checked.)
 RESUME_MAY_CHANGE = (
@@ -37,20 +40,32 @@ RESUME_MAY_CHANGE = (
 
 
 def flatten(doc: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (``teacher_args`` stays one value)."""
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (``teacher_args`` and ``model.args`` stay one value)."""
     flat = {}
     for k, v in doc.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "teacher_args":
+        if isinstance(v, dict) and k not in ("teacher_args", "args"):
             flat.update(flatten(v, key + "."))
         else:
             flat[key] = v
     return flat
 
 
+def _with_defaults(doc: dict) -> dict:
+    """A saved config with the settings added since it was written filled in at their defaults
+    (so a checkpoint from before a new setting existed still resumes); as saved if it no longer parses."""
+    from kdstore.train.config import parse_config
+
+    try:
+        return parse_config(doc).to_dict()
+    except InputError:
+        return doc
+
+
 def config_differences(saved: dict, new: dict, allowed: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
-    """``["optim.lr: 0.003 → 0.01", ...]``: settings that differ, outside ``allowed``."""
-    old, cur = flatten(saved), flatten(new)
+    """``["optim.lr: 0.003 → 0.01", ...]``: settings that differ, outside ``allowed`` (settings
+    newer than ``saved`` count at their defaults)."""
+    old, cur = flatten(_with_defaults(saved)), flatten(new)
     return [f"{k}: {old.get(k, '(unset)')!r} → {cur.get(k, '(unset)')!r}"
             for k in sorted(set(old) | set(cur)) if k not in allowed and old.get(k) != cur.get(k)]
 
@@ -146,3 +161,12 @@ def write_checkpoint(out_dir: Path, step: int, state: dict, keep: int) -> Path:
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint's state (tensors and plain values only: ``weights_only=True``)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_student(out_dir: Path, model) -> None:
+    """Write ``student.json`` (``model.record``: how the student was built) then ``student.pt``
+    (the student's ``state_dict``) for :func:`kdstore.train.load_student`. ``model``: a ``DistillModel``."""
+    from kdstore.store.atomic import write_json_atomic
+
+    write_json_atomic(Path(out_dir) / STUDENT_RECORD_FILE, model.record)
+    torch.save(model.student.state_dict(), Path(out_dir) / STUDENT_FILE)

@@ -64,16 +64,29 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """The student. ``mlp``: flatten → Linear(hidden) → ReLU → Linear; ``cnn``: two conv blocks."""
+    """The student: a preset (``arch``: ``mlp`` = flatten → Linear(hidden) → ReLU → Linear;
+    ``cnn`` = two conv blocks) or any ``nn.Module`` from ``factory`` called with ``args``
+    (:mod:`kdstore.train.student`); ``embedding`` = where a factory student's embedding is."""
 
     arch: str = "mlp"
     hidden: int = 32
     width: int = 16
+    factory: str = ""  # package.module:function or path/to/file.py:function
+    args: dict = field(default_factory=dict)
+    embedding: str = "embedding"  # factory students: an output dict key or a layer name
     dho_alpha: float = 0.5
     dho_beta: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        _check(not self.factory or ":" in self.factory,
+               f"model.factory must look like package.module:function or path/to/file.py:function, got {self.factory!r}")
+        _check(bool(self.factory) or (not self.args and self.embedding == "embedding"),
+               "model.args and model.embedding apply to a factory student: set model.factory, or drop them")
+        _check(not self.factory or (self.arch, self.hidden, self.width) == ("mlp", 32, 16),
+               "model.arch, hidden and width describe the preset students; a model.factory student replaces them: "
+               "drop them (pass sizes in model.args)")
+        _check(bool(self.embedding), "model.embedding must name an output key or a layer")
         _check(self.hidden > 0 and self.width > 0, "model.hidden and model.width must be > 0")
         _check(0.0 <= self.dho_alpha <= 1.0, "model.dho_alpha must be in [0, 1]")
         _check(self.dho_beta > 0, "model.dho_beta must be > 0")
@@ -162,6 +175,11 @@ class LossConfig:
     teacher_weights: tuple[float, ...] = ()
     tau: float = 1.0
     negatives: str = ""  # contrastive: STORE/negatives/NAME.parquet from `kdstore mine`
+    teacher_temperature: float | None = None  # ranking: of the teacher's scores (None: temperature)
+    router_input: str = "logits"  # routed_kd: what the router reads (logits, embedding or a layer)
+    router_hidden: int = 0  # routed_kd: hidden width (0: 2 × its input)
+    top_k: int = 0  # routed_kd: keep the k best-routed teachers per row (0: all)
+    balance_weight: float = 0.01  # routed_kd: load-balancing term
 
     def __post_init__(self) -> None:
         kinds = ", ".join(LOSS_KINDS)
@@ -173,6 +191,12 @@ class LossConfig:
         _check(self.sample_weights in ("", "max_prob", "entropy"),
                f"loss {self.kind}: sample_weights must be '', max_prob or entropy, got {self.sample_weights!r}")
         _check(self.combine in ("fixed", "confidence"), f"loss {self.kind}: combine must be fixed or confidence")
+        _check(self.teacher_temperature is None or self.teacher_temperature > 0,
+               f"loss {self.kind}: teacher_temperature must be > 0")
+        _check(self.router_hidden >= 0 and self.balance_weight >= 0,
+               f"loss {self.kind}: router_hidden and balance_weight must be >= 0")
+        _check(0 <= self.top_k <= max(1, len(self.teachers)),
+               f"loss {self.kind}: top_k must be in [0, number of teachers] (0 = all), got {self.top_k}")
         check_term(self, _check)
         _check(not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),
                "loss multi_kd: teacher_weights needs one weight per teacher")

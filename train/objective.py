@@ -76,7 +76,8 @@ class TermInput:
     """What one term's ``compute`` sees for a batch of ``b`` rows.
 
     ``out``: student outputs (``logits [b, k]``, ``embedding [b, d]``, ``kd_logits``, ``proj/<i>``);
-    ``proj``: this term's projector output (or None); ``tg``: this term's teacher targets
+    ``proj``: this term's student tensor (projector output, the raw layer, or router logits
+    ``[b, t]``; None for kinds that read none); ``tg``: this term's teacher targets
     ``{field: [b, ...], "valid": [b]}``; ``targets``: every teacher's; ``labels [b]`` (-1 =
     unlabelled); ``real [b]`` (not a pad); ``mask [b]`` (real and scored by the teacher);
     ``weights [b]`` or None; ``rows [b]`` store rows (-1 = pad); ``mined``: the term's negatives.
@@ -105,8 +106,11 @@ class LossKind:
             (sample weights add their score field on top).
         teachers: ``"none"``, ``"one"`` (``teacher = NAME``) or ``"many"`` (``teachers = [...]``).
         student: what it trains: ``"logits"`` (the head), ``"projector"`` (a learned map of
-            ``student_layer`` to the stored field; a Projector is built) or ``"heads"`` (the
-            DHO pair: a second head is built, and ``"logits"`` terms are refused beside it).
+            ``student_layer`` to the stored field; a Projector is built), ``"layer"``
+            (``student_layer`` as it is, e.g. for relational losses that work across dims),
+            ``"router"`` (the logits, plus a learned ``TeacherRouter`` over the teachers fed
+            ``router_input``) or ``"heads"`` (the DHO pair: a second head is built, and terms
+            that train the logits are refused beside it).
         settings: the ``[[loss]]`` settings it reads, beyond kind, weight and teacher(s).
         required: ``{setting: message}`` settings that must be given.
         stored_temperature: its temperature is the one recorded in the store (a different
@@ -129,6 +133,11 @@ class LossKind:
     @property
     def second_head(self) -> bool:
         return self.student == "heads"
+
+    @property
+    def reads_logits(self) -> bool:
+        """It reads the student's ``logits`` (the student must return them)."""
+        return self.student in ("logits", "router", "heads")
 
 
 def temperature(term: "LossConfig") -> float:
@@ -182,6 +191,41 @@ def _multi_kd(term, x: TermInput) -> Tensor:
     return L.multi_teacher_kl(x.out["logits"], probs, T, weights=x.weights, mask=valid.any(0))
 
 
+def _rkd_distance(term, x: TermInput) -> Tensor:
+    return L.rkd_distance(x.proj, x.tg[target_field(term)], mask=x.mask)
+
+
+def _rkd_angle(term, x: TermInput) -> Tensor:
+    return L.rkd_angle(x.proj, x.tg[target_field(term)], mask=x.mask)
+
+
+def _ranking(term, x: TermInput) -> Tensor:
+    """In-batch listwise ranking KD: each row ranks the batch's other rows.
+
+    Anchor i, candidates j != i among the rows that count (``mask``): teacher scores
+    ``cos(t_i, t_j)`` of the stored vectors, student scores ``cos(s_i, s_j)`` of the student
+    layer (both sides' dims may differ); ``ranking_distill`` is the KL between the two
+    softmaxes over j (teacher at ``teacher_temperature``, student at ``temperature``).
+    """
+    keep = x.mask
+    s = x.proj.flatten(1)
+    b = s.shape[0]
+    t = x.tg[target_field(term)].flatten(1).float()
+    t = torch.where(keep[:, None], t, torch.zeros_like(t))  # a skipped row's NaNs never reach another row
+    t = torch.nn.functional.normalize(t, dim=-1)
+    candidates = keep[None, :] & ~torch.eye(b, dtype=torch.bool, device=s.device)
+    return L.ranking_distill(s, s.unsqueeze(0).expand(b, -1, -1), t @ t.T, temperature(term),
+                             candidate_mask=candidates, teacher_temperature=term.teacher_temperature,
+                             weights=x.weights, mask=keep)
+
+
+def _routed_kd(term, x: TermInput) -> Tensor:
+    valid = torch.stack([x.targets[t]["valid"] for t in term.teachers]) & x.real
+    return L.routed_teacher_kl(x.out["logits"], [x.targets[t][logits_field()] for t in term.teachers], x.proj,
+                               temperature(term), top_k=term.top_k or None, balance_weight=term.balance_weight,
+                               teacher_mask=valid, weights=x.weights, mask=x.real)
+
+
 def target_field(term: "LossConfig") -> str:
     """The stored field a projector term matches: ``field``, or the stored embedding."""
     return term.field or embedding_field()
@@ -207,6 +251,17 @@ KINDS: dict[str, LossKind] = {k.name: k for k in (
              settings=("negatives", "field", "student_layer", "temperature", "sample_weights", "weight_power"),
              required=(("negatives", "name the mined negatives (negatives = \"NAME\", "
                                      "from `kdstore mine --name NAME`)"),)),
+    LossKind(name="rkd_distance", compute=_rkd_distance, fields=lambda t: (target_field(t),), student="layer",
+             settings=("field", "student_layer")),
+    LossKind(name="rkd_angle", compute=_rkd_angle, fields=lambda t: (target_field(t),), student="layer",
+             settings=("field", "student_layer")),
+    LossKind(name="ranking", compute=_ranking, fields=lambda t: (target_field(t),), student="layer",
+             settings=("field", "student_layer", "temperature", "teacher_temperature", "sample_weights",
+                       "weight_power")),
+    LossKind(name="routed_kd", compute=_routed_kd, fields=lambda t: (logits_field(),), teachers="many",
+             student="router",
+             settings=("temperature", "router_input", "router_hidden", "top_k", "balance_weight", "sample_weights",
+                       "weight_power")),
 )}
 LOSS_KINDS = tuple(KINDS)
 DEFAULT_TEMPERATURE = 1.0
@@ -237,7 +292,9 @@ def resolve_terms(terms: Sequence["LossConfig"], store: "Store") -> tuple["LossC
                     f"precompute the teacher with --temperature {T:g}"
                 )
             T = recorded
-        out.append(dataclasses.replace(term, temperature=DEFAULT_TEMPERATURE if T is None else T))
+        if "temperature" in kind.settings:
+            term = dataclasses.replace(term, temperature=DEFAULT_TEMPERATURE if T is None else T)
+        out.append(term)
     return tuple(out)
 
 
@@ -252,22 +309,31 @@ def compute_loss(
 
     ``terms`` come from :func:`resolve_terms`. Pads and rows a teacher could not score are
     masked out of that teacher's terms; labels are -1 outside the labelled subset, which the
-    CE parts ignore. ``mined[i]`` serves the contrastive term ``i``.
+    CE parts ignore. ``mined[i]`` serves the contrastive term ``i``. The terms run outside any
+    autocast (in float32): under bfloat16 the Gram matrices of the relational and retrieval
+    losses lose their differences (``‖a‖² + ‖b‖² − 2ab`` cancels).
     """
     real = ~batch["pad"]
     targets = batch.get("targets", {})
-    total = out["logits"].new_zeros(())
+    device = next(iter(out.values())).device
+    total = torch.zeros((), dtype=torch.float32, device=device)
     parts: dict[str, float] = {}
-    for i, term in enumerate(terms):
-        tg = targets.get(term.teacher, {})
-        x = TermInput(out=out, proj=out.get(f"proj/{i}"), tg=tg, targets=targets, labels=batch["label"], real=real,
-                      mask=real & tg["valid"] if term.teacher else real,
-                      weights=sample_weights(term, targets, num_classes), rows=batch["row"],
-                      mined=(mined or {}).get(i))
-        value = KINDS[term.kind].compute(term, x)
-        parts[f"loss/{i}.{term.kind}"] = float(value.detach())
-        total = total + term.weight * value
+    with torch.autocast(device_type=device.type, enabled=False):
+        for i, term in enumerate(terms):
+            value = _term_value(i, term, out, batch, real, targets, num_classes, mined)
+            parts[f"loss/{i}.{term.kind}"] = float(value.detach())
+            total = total + term.weight * value
     return total, parts
+
+
+def _term_value(i: int, term: "LossConfig", out: dict, batch: dict, real: Tensor, targets: dict, num_classes: int,
+                mined: dict | None) -> Tensor:
+    tg = targets.get(term.teacher, {})
+    x = TermInput(out=out, proj=out.get(f"proj/{i}"), tg=tg, targets=targets, labels=batch["label"], real=real,
+                  mask=real & tg["valid"] if term.teacher else real,
+                  weights=sample_weights(term, targets, num_classes), rows=batch["row"],
+                  mined=(mined or {}).get(i))
+    return KINDS[term.kind].compute(term, x)
 
 
 def sample_weights(term: "LossConfig", targets: dict, num_classes: int) -> Tensor | None:
@@ -295,6 +361,11 @@ def check_term(term: "LossConfig", check: Callable[[bool, str], Any]) -> None:
         check(len(term.teachers) >= 1, f"loss {term.kind}: list its teachers")
     for setting, message in kind.required:
         check(bool(getattr(term, setting)), f"loss {term.kind}: {message}")
+    takes = {"none": (), "one": ("teacher",), "many": ("teachers",)}[kind.teachers] + kind.settings
+    given = [f.name for f in dataclasses.fields(term)
+             if f.name not in ("kind", "weight") and f.name not in takes and getattr(term, f.name) != f.default]
+    check(not given, f"loss {term.kind}: {', '.join(given)} does not apply to this kind "
+                     f"(it takes weight{''.join(', ' + s for s in takes)})")
 
 
 def check_terms(terms: Sequence["LossConfig"], check: Callable[[bool, str], Any]) -> None:
@@ -302,6 +373,6 @@ def check_terms(terms: Sequence["LossConfig"], check: Callable[[bool, str], Any]
     heads = [t for t in terms if KINDS[t.kind].second_head]
     names = "/".join(sorted({t.kind for t in heads}))
     check(len(heads) <= 1, f"at most one {names} loss term")
-    logit_kinds = sorted({t.kind for t in terms if KINDS[t.kind].student == "logits"})
+    logit_kinds = sorted({t.kind for t in terms if KINDS[t.kind].student in ("logits", "router")})
     check(not (heads and logit_kinds),
           f"a {names} term already holds the CE and KD parts; drop the {'/'.join(logit_kinds)} terms beside it")

@@ -283,6 +283,7 @@ class Recipe:
             "scaler": self.scaler.state_dict(),
             "rng": ck.rng_state(cuda=self.device.type == "cuda"),
             "config": self.cfg.to_dict(),
+            "student": self.model.record,  # how to rebuild the student (kdstore.train.load_student)
             "world_size": self.world_size,
             "input_fingerprint": self.store.manifest.input_fingerprint,
             "history": self.history,
@@ -397,7 +398,7 @@ class Recipe:
         seconds = time.perf_counter() - start
         final = self.evaluate_and_log() if self.eval_set is not None else {}
         if self.is_main:
-            torch.save(self.model.student.state_dict(), self.out_dir / ck.STUDENT_FILE)
+            ck.save_student(self.out_dir, self.model)
         rate = samples / max(seconds, 1e-9) if self.step > start_step else 0.0
         result = TrainResult(out_dir=self.out_dir, steps=self.step, epochs=self.step / self.steps_per_epoch,
                              seconds=seconds, samples_per_s=rate, eval=final, history=self.history)
