@@ -12,18 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdstore.train.losses._common import (
-    _shape,
-    _require_tensor,
-    _require_ndim,
-    _require_shape,
-    _require_float,
-    _compute_dtype,
-    _bool_mask,
-    _contribution,
-    _weighted_mean,
-    _zero_rows,
-)
+from kdstore.train.losses import _common as C
 
 
 # --------------------------------------------------------------------------- features and embeddings
@@ -75,10 +64,10 @@ class Projector(nn.Module):
 
     def forward(self, student_feat: Tensor) -> Tensor:
         """Map ``student_feat [b, *student_shape]`` to ``[b, *teacher_shape]``."""
-        if student_feat.dim() < 1 or _shape(student_feat)[1:] != self.student_shape:
+        if student_feat.dim() < 1 or C._shape(student_feat)[1:] != self.student_shape:
             raise ValueError(
                 f"student_feat must have shape [b, {', '.join(map(str, self.student_shape))}], "
-                f"got {_shape(student_feat)}"
+                f"got {C._shape(student_feat)}"
             )
         x = student_feat
         if self.pool is not None and self.pool_first:
@@ -119,29 +108,29 @@ def feature_match(
     """
     if kind not in ("mse", "cosine"):
         raise ValueError(f"kind must be 'mse' or 'cosine', got {kind!r}")
-    _require_tensor("student_feat", student_feat)
-    _require_tensor("teacher_feat", teacher_feat)
-    _require_float("student_feat", student_feat)
-    _require_float("teacher_feat", teacher_feat)
+    C._require_tensor("student_feat", student_feat)
+    C._require_tensor("teacher_feat", teacher_feat)
+    C._require_float("student_feat", student_feat)
+    C._require_float("teacher_feat", teacher_feat)
     if student_feat.dim() < 2:
-        raise ValueError(f"student_feat must have shape [b, ...], got {_shape(student_feat)}")
+        raise ValueError(f"student_feat must have shape [b, ...], got {C._shape(student_feat)}")
     projected = projector(student_feat) if projector is not None else student_feat
-    if _shape(projected) != _shape(teacher_feat):
+    if C._shape(projected) != C._shape(teacher_feat):
         what = "student_feat after the projector" if projector is not None else "student_feat"
         hint = "" if projector is not None else "; pass projector=Projector(student_shape, teacher_shape)"
         raise ValueError(
-            f"{what} has shape {_shape(projected)} but teacher_feat has {_shape(teacher_feat)}{hint}"
+            f"{what} has shape {C._shape(projected)} but teacher_feat has {C._shape(teacher_feat)}{hint}"
         )
-    dtype = _compute_dtype(projected, teacher_feat)
+    dtype = C._compute_dtype(projected, teacher_feat)
     b = projected.shape[0]
-    w = _contribution((b,), weights, mask, dtype=dtype, device=projected.device, spec="[b]")
+    w = C._contribution((b,), weights, mask, dtype=dtype, device=projected.device, spec="[b]")
     s = projected.to(dtype).reshape(b, -1)
-    t = _zero_rows(teacher_feat.detach().to(dtype).reshape(b, -1), w != 0)
+    t = C._zero_rows(teacher_feat.detach().to(dtype).reshape(b, -1), w != 0)
     if kind == "mse":
         per_row = (s - t).pow(2).mean(-1)
     else:
         per_row = 1.0 - F.cosine_similarity(s, t, dim=-1)
-    return _weighted_mean(per_row, w)
+    return C._weighted_mean(per_row, w)
 
 
 def embedding_cosine(
@@ -161,18 +150,18 @@ def embedding_cosine(
     Returns:
         Tensor: [] float in [0, 2].
     """
-    _require_ndim("student_emb", student_emb, 2, "[b, d]")
-    _require_float("student_emb", student_emb)
-    _require_shape("teacher_emb", teacher_emb, student_emb.shape, "[b, d] like student_emb")
-    _require_float("teacher_emb", teacher_emb)
+    C._require_ndim("student_emb", student_emb, 2, "[b, d]")
+    C._require_float("student_emb", student_emb)
+    C._require_shape("teacher_emb", teacher_emb, student_emb.shape, "[b, d] like student_emb")
+    C._require_float("teacher_emb", teacher_emb)
     return feature_match(student_emb, teacher_emb, None, "cosine", weights, mask)
 
 
 def _flat_rows(name: str, x: Tensor) -> Tensor:
-    _require_tensor(name, x)
-    _require_float(name, x)
+    C._require_tensor(name, x)
+    C._require_float(name, x)
     if x.dim() < 2:
-        raise ValueError(f"{name} must have shape [b, d], got {_shape(x)}")
+        raise ValueError(f"{name} must have shape [b, d], got {C._shape(x)}")
     return x.reshape(x.shape[0], -1)
 
 
@@ -183,17 +172,17 @@ def _relational_inputs(
     t = _flat_rows("teacher_emb", teacher_emb)
     if s.shape[0] != t.shape[0]:
         raise ValueError(
-            f"student_emb and teacher_emb must have the same batch size, got {_shape(student_emb)} "
-            f"and {_shape(teacher_emb)}"
+            f"student_emb and teacher_emb must have the same batch size, got {C._shape(student_emb)} "
+            f"and {C._shape(teacher_emb)}"
         )
     b = s.shape[0]
     valid = (
         torch.ones(b, dtype=torch.bool, device=s.device)
         if mask is None
-        else _bool_mask("mask", mask, (b,), "[b]")
+        else C._bool_mask("mask", mask, (b,), "[b]")
     )
-    dtype = _compute_dtype(s, t)
-    t = _zero_rows(t.detach().to(dtype), valid)
+    dtype = C._compute_dtype(s, t)
+    t = C._zero_rows(t.detach().to(dtype), valid)
     return s.to(dtype), t, valid
 
 
@@ -233,7 +222,7 @@ def rkd_distance(student_emb: Tensor, teacher_emb: Tensor, mask: Tensor | None =
     s_d = normalised(_pairwise_distances(s))
     t_d = normalised(_pairwise_distances(t))
     per_pair = F.smooth_l1_loss(s_d, t_d, reduction="none", beta=1.0)
-    return _weighted_mean(per_pair, pairs)
+    return C._weighted_mean(per_pair, pairs)
 
 
 def _triplet_cosines(x: Tensor) -> Tensor:
@@ -269,4 +258,4 @@ def rkd_angle(student_emb: Tensor, teacher_emb: Tensor, mask: Tensor | None = No
     distinct = (i != j) & (k != j) & (i != k)
     triplets = distinct & valid.view(-1, 1, 1) & valid.view(1, -1, 1) & valid.view(1, 1, -1)
     per_triplet = F.smooth_l1_loss(_triplet_cosines(s), _triplet_cosines(t), reduction="none", beta=1.0)
-    return _weighted_mean(per_triplet, triplets.to(s.dtype))
+    return C._weighted_mean(per_triplet, triplets.to(s.dtype))

@@ -12,21 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdstore.train.losses._common import (
-    _require_ndim,
-    _require_shape,
-    _require_float,
-    _require_integer,
-    _positive,
-    _unit_interval,
-    _compute_dtype,
-    _contribution,
-    _weighted_mean,
-    _zero_rows,
-    _soft_kl_rows,
-    _topk_kl_rows,
-    _check_topk,
-)
+from kdstore.train.losses import _common as C
 
 
 # --------------------------------------------------------------------------- classification
@@ -53,17 +39,17 @@ def cross_entropy(
     Raises:
         ValueError: on a shape or dtype mismatch.
     """
-    _require_ndim("student_logits", student_logits, 2, "[b, c]")
-    _require_float("student_logits", student_logits)
+    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
+    C._require_float("student_logits", student_logits)
     b = student_logits.shape[0]
-    _require_shape("labels", labels, (b,), "[b]")
-    _require_integer("labels", labels)
-    dtype = _compute_dtype(student_logits)
-    w = _contribution((b,), weights, mask, dtype=dtype, device=student_logits.device, spec="[b]")
+    C._require_shape("labels", labels, (b,), "[b]")
+    C._require_integer("labels", labels)
+    dtype = C._compute_dtype(student_logits)
+    w = C._contribution((b,), weights, mask, dtype=dtype, device=student_logits.device, spec="[b]")
     w = w * (labels >= 0).to(dtype)
     safe_labels = torch.where(w != 0, labels, torch.zeros_like(labels)).long()
     per_row = F.cross_entropy(student_logits.to(dtype), safe_labels, reduction="none")
-    return _weighted_mean(per_row, w)
+    return C._weighted_mean(per_row, w)
 
 
 def soft_kl(
@@ -91,17 +77,17 @@ def soft_kl(
     Raises:
         ValueError: on a shape mismatch or T <= 0.
     """
-    _require_ndim("student_logits", student_logits, 2, "[b, c]")
-    _require_float("student_logits", student_logits)
-    _require_shape("teacher_logits", teacher_logits, student_logits.shape, "[b, c] like student_logits")
-    _require_float("teacher_logits", teacher_logits)
-    temperature = _positive("temperature", temperature)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
+    C._require_float("student_logits", student_logits)
+    C._require_shape("teacher_logits", teacher_logits, student_logits.shape, "[b, c] like student_logits")
+    C._require_float("teacher_logits", teacher_logits)
+    temperature = C._positive("temperature", temperature)
+    dtype = C._compute_dtype(student_logits, teacher_logits)
     b = student_logits.shape[0]
-    w = _contribution((b,), weights, mask, dtype=dtype, device=student_logits.device, spec="[b]")
-    teacher = _zero_rows(teacher_logits.detach().to(dtype), w != 0)
-    per_row = _soft_kl_rows(student_logits.to(dtype), teacher, temperature)
-    return _weighted_mean(per_row, w)
+    w = C._contribution((b,), weights, mask, dtype=dtype, device=student_logits.device, spec="[b]")
+    teacher = C._zero_rows(teacher_logits.detach().to(dtype), w != 0)
+    per_row = C._soft_kl_rows(student_logits.to(dtype), teacher, temperature)
+    return C._weighted_mean(per_row, w)
 
 
 def topk_kl(
@@ -138,21 +124,21 @@ def topk_kl(
     Raises:
         ValueError: on a shape or dtype mismatch, k > c, or T <= 0.
     """
-    _require_ndim("student_logits", student_logits, 2, "[b, c]")
-    _require_float("student_logits", student_logits)
+    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
+    C._require_float("student_logits", student_logits)
     b, c = student_logits.shape
-    _check_topk("topk_", (b,), c, topk_values, topk_indices, residual)
-    temperature = _positive("temperature", temperature)
-    dtype = _compute_dtype(student_logits, topk_values, residual)
-    w = _contribution((b,), weights, mask, dtype=dtype, device=student_logits.device, spec="[b]")
+    C._check_topk("topk_", (b,), c, topk_values, topk_indices, residual)
+    temperature = C._positive("temperature", temperature)
+    dtype = C._compute_dtype(student_logits, topk_values, residual)
+    w = C._contribution((b,), weights, mask, dtype=dtype, device=student_logits.device, spec="[b]")
     keep = w != 0
-    values = _zero_rows(topk_values.detach().to(dtype), keep)
-    res = _zero_rows(residual.detach().to(dtype), keep)
+    values = C._zero_rows(topk_values.detach().to(dtype), keep)
+    res = C._zero_rows(residual.detach().to(dtype), keep)
     # A skipped row may hold garbage indices; give it 0..k-1 so gather stays in range.
     arange = torch.arange(topk_indices.shape[1], device=topk_indices.device).expand_as(topk_indices)
     indices = torch.where(keep.unsqueeze(-1), topk_indices.long(), arange)
-    per_row = _topk_kl_rows(student_logits.to(dtype), values, indices, res, temperature)
-    return _weighted_mean(per_row, w)
+    per_row = C._topk_kl_rows(student_logits.to(dtype), values, indices, res, temperature)
+    return C._weighted_mean(per_row, w)
 
 
 # --------------------------------------------------------------------------- DHO
@@ -202,12 +188,12 @@ def dho_loss(
     Returns:
         Tensor: [] float.
     """
-    _require_ndim("ce_head_logits", ce_head_logits, 2, "[b, c]")
-    _require_shape("kd_head_logits", kd_head_logits, ce_head_logits.shape, "[b, c] like ce_head_logits")
-    _require_shape("teacher", teacher, ce_head_logits.shape, "[b, c] like ce_head_logits")
-    _require_float("teacher", teacher)
-    alpha = _unit_interval("alpha", alpha)
-    dtype = _compute_dtype(ce_head_logits, kd_head_logits, teacher)
+    C._require_ndim("ce_head_logits", ce_head_logits, 2, "[b, c]")
+    C._require_shape("kd_head_logits", kd_head_logits, ce_head_logits.shape, "[b, c] like ce_head_logits")
+    C._require_shape("teacher", teacher, ce_head_logits.shape, "[b, c] like ce_head_logits")
+    C._require_float("teacher", teacher)
+    alpha = C._unit_interval("alpha", alpha)
+    dtype = C._compute_dtype(ce_head_logits, kd_head_logits, teacher)
     teacher_logits = _teacher_as_logits(teacher, teacher_is_probs, dtype)
     ce = cross_entropy(ce_head_logits, labels, weights, mask)
     kd = soft_kl(kd_head_logits, teacher_logits, temperature, weights, mask)
@@ -234,13 +220,13 @@ def dho_combine(
     Returns:
         Tensor: [b, c] float probabilities (rows sum to 1).
     """
-    _require_ndim("ce_head_logits", ce_head_logits, 2, "[b, c]")
-    _require_float("ce_head_logits", ce_head_logits)
-    _require_shape("kd_head_logits", kd_head_logits, ce_head_logits.shape, "[b, c] like ce_head_logits")
-    _require_float("kd_head_logits", kd_head_logits)
-    alpha = _unit_interval("alpha", alpha)
-    beta = _positive("beta", beta)
-    dtype = _compute_dtype(ce_head_logits, kd_head_logits)
+    C._require_ndim("ce_head_logits", ce_head_logits, 2, "[b, c]")
+    C._require_float("ce_head_logits", ce_head_logits)
+    C._require_shape("kd_head_logits", kd_head_logits, ce_head_logits.shape, "[b, c] like ce_head_logits")
+    C._require_float("kd_head_logits", kd_head_logits)
+    alpha = C._unit_interval("alpha", alpha)
+    beta = C._positive("beta", beta)
+    dtype = C._compute_dtype(ce_head_logits, kd_head_logits)
     p_ce = F.softmax(ce_head_logits.to(dtype), dim=-1)
     p_kd = F.softmax(kd_head_logits.to(dtype) / beta, dim=-1)
     return alpha * p_ce + (1.0 - alpha) * p_kd
@@ -270,12 +256,12 @@ def confidence_weights(
     Returns:
         Tensor: [b] float, detached.
     """
-    _require_ndim("scores", scores, 1, "[b]")
-    _require_float("scores", scores)
+    C._require_ndim("scores", scores, 1, "[b]")
+    C._require_float("scores", scores)
     power = float(power)
     if not (power >= 0 and math.isfinite(power)):
         raise ValueError(f"power must be a finite number >= 0, got {power}")
-    x = scores.detach().to(_compute_dtype(scores))
+    x = scores.detach().to(C._compute_dtype(scores))
     if kind == "max_prob":
         base = x.clamp(0.0, 1.0)
     elif kind == "entropy":

@@ -13,45 +13,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdstore.train.losses._common import (
-    _shape,
-    _require_ndim,
-    _require_shape,
-    _require_float,
-    _positive,
-    _compute_dtype,
-    _bool_mask,
-    _contribution,
-    _weighted_mean,
-    _zero_rows,
-    _kl_rows,
-    _soft_kl_rows,
-    _masked_log_softmax,
-    TeacherLogits,
-)
+from kdstore.train.losses import _common as C
 
 
 # --------------------------------------------------------------------------- multi-teacher
 
 
-def _stack_teachers(teacher_logits: TeacherLogits) -> Tensor:
+def _stack_teachers(teacher_logits: C.TeacherLogits) -> Tensor:
     if isinstance(teacher_logits, Tensor):
-        _require_ndim("teacher_logits", teacher_logits, 3, "[t, b, c]")
-        _require_float("teacher_logits", teacher_logits)
+        C._require_ndim("teacher_logits", teacher_logits, 3, "[t, b, c]")
+        C._require_float("teacher_logits", teacher_logits)
         stacked = teacher_logits
     else:
         tensors = list(teacher_logits)
         if not tensors:
             raise ValueError("teacher_logits is empty; pass at least one [b, c] tensor")
         for i, x in enumerate(tensors):
-            _require_ndim(f"teacher_logits[{i}]", x, 2, "[b, c]")
-            _require_float(f"teacher_logits[{i}]", x)
-            if _shape(x) != _shape(tensors[0]):
+            C._require_ndim(f"teacher_logits[{i}]", x, 2, "[b, c]")
+            C._require_float(f"teacher_logits[{i}]", x)
+            if C._shape(x) != C._shape(tensors[0]):
                 raise ValueError(
-                    f"teacher_logits[{i}] has shape {_shape(x)} but teacher_logits[0] has "
-                    f"{_shape(tensors[0])}"
+                    f"teacher_logits[{i}] has shape {C._shape(x)} but teacher_logits[0] has "
+                    f"{C._shape(tensors[0])}"
                 )
-        dtype = _compute_dtype(*tensors)
+        dtype = C._compute_dtype(*tensors)
         stacked = torch.stack([x.to(dtype) for x in tensors])
     if stacked.shape[0] < 1:
         raise ValueError("teacher_logits has no teachers (t = 0)")
@@ -61,11 +46,11 @@ def _stack_teachers(teacher_logits: TeacherLogits) -> Tensor:
 def _teacher_valid(teacher_mask: Tensor | None, t: int, b: int, device: torch.device) -> Tensor:
     if teacher_mask is None:
         return torch.ones(t, b, dtype=torch.bool, device=device)
-    return _bool_mask("teacher_mask", teacher_mask, (t, b), "[t, b]")
+    return C._bool_mask("teacher_mask", teacher_mask, (t, b), "[t, b]")
 
 
 def combine_teachers(
-    teacher_logits: TeacherLogits,
+    teacher_logits: C.TeacherLogits,
     temperature: float = 1.0,
     mode: Literal["fixed", "confidence"] = "fixed",
     weights: Tensor | Sequence[float] | None = None,
@@ -95,23 +80,23 @@ def combine_teachers(
     """
     z = _stack_teachers(teacher_logits)
     t, b, c = z.shape
-    temperature = _positive("temperature", temperature)
+    temperature = C._positive("temperature", temperature)
     if mode not in ("fixed", "confidence"):
         raise ValueError(f"mode must be 'fixed' or 'confidence', got {mode!r}")
-    dtype = _compute_dtype(z)
+    dtype = C._compute_dtype(z)
     z = z.to(dtype)
     valid = _teacher_valid(teacher_mask, t, b, z.device)
-    z = _zero_rows(z, valid)
+    z = C._zero_rows(z, valid)
     if weights is None:
         prior = torch.ones(t, dtype=dtype, device=z.device)
     else:
         prior = torch.as_tensor(weights, dtype=dtype, device=z.device)
-        _require_shape("weights", prior, (t,), "[t]")
+        C._require_shape("weights", prior, (t,), "[t]")
         if bool((prior < 0).any()) or not float(prior.sum()) > 0:
             raise ValueError(f"weights must be non-negative with a positive sum, got {prior.tolist()}")
     w = prior.unsqueeze(1).expand(t, b)
     if mode == "confidence":
-        tau = _positive("tau", tau)
+        tau = C._positive("tau", tau)
         probs_1 = F.softmax(z, dim=-1)
         entropy = -(probs_1 * F.log_softmax(z, dim=-1)).sum(-1)  # [t, b]
         # Shift by the per-row minimum over valid teachers: cancels in the normalisation.
@@ -146,18 +131,18 @@ def multi_teacher_kl(
     Returns:
         Tensor: [] float.
     """
-    _require_ndim("student_logits", student_logits, 2, "[b, c]")
-    _require_float("student_logits", student_logits)
-    _require_shape("teacher_probs", teacher_probs, student_logits.shape, "[b, c] like student_logits")
-    _require_float("teacher_probs", teacher_probs)
-    temperature = _positive("temperature", temperature)
-    dtype = _compute_dtype(student_logits, teacher_probs)
+    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
+    C._require_float("student_logits", student_logits)
+    C._require_shape("teacher_probs", teacher_probs, student_logits.shape, "[b, c] like student_logits")
+    C._require_float("teacher_probs", teacher_probs)
+    temperature = C._positive("temperature", temperature)
+    dtype = C._compute_dtype(student_logits, teacher_probs)
     b = student_logits.shape[0]
-    w = _contribution((b,), weights, mask, dtype=dtype, device=student_logits.device, spec="[b]")
-    p = _zero_rows(teacher_probs.detach().to(dtype), w != 0).clamp_min(0.0)
+    w = C._contribution((b,), weights, mask, dtype=dtype, device=student_logits.device, spec="[b]")
+    p = C._zero_rows(teacher_probs.detach().to(dtype), w != 0).clamp_min(0.0)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    per_row = _kl_rows(torch.log(p), log_q) * temperature**2
-    return _weighted_mean(per_row, w)
+    per_row = C._kl_rows(torch.log(p), log_q) * temperature**2
+    return C._weighted_mean(per_row, w)
 
 
 class TeacherRouter(nn.Module):
@@ -198,7 +183,7 @@ class TeacherRouter(nn.Module):
         """``student_repr [b, in_features]`` -> routing logits ``[b, t]``."""
         if student_repr.dim() != 2 or student_repr.shape[1] != self.in_features:
             raise ValueError(
-                f"student_repr must have shape [b, {self.in_features}], got {_shape(student_repr)}"
+                f"student_repr must have shape [b, {self.in_features}], got {C._shape(student_repr)}"
             )
         x = student_repr.detach() if self.detach_input else student_repr
         return self.net(x)
@@ -216,11 +201,11 @@ def router_balance_loss(route_probs: Tensor, mask: Tensor | None = None) -> Tens
     Returns:
         Tensor: [] float >= 0.
     """
-    _require_ndim("route_probs", route_probs, 2, "[b, t]")
-    _require_float("route_probs", route_probs)
+    C._require_ndim("route_probs", route_probs, 2, "[b, t]")
+    C._require_float("route_probs", route_probs)
     b, t = route_probs.shape
-    dtype = _compute_dtype(route_probs)
-    w = _contribution((b,), None, mask, dtype=dtype, device=route_probs.device, spec="[b]")
+    dtype = C._compute_dtype(route_probs)
+    w = C._contribution((b,), None, mask, dtype=dtype, device=route_probs.device, spec="[b]")
     probs = route_probs.to(dtype)
     total = w.sum()
     usage = (w.unsqueeze(-1) * probs).sum(0) / torch.where(total > 0, total, torch.ones_like(total))
@@ -231,7 +216,7 @@ def router_balance_loss(route_probs: Tensor, mask: Tensor | None = None) -> Tens
 
 def routed_teacher_kl(
     student_logits: Tensor,
-    teacher_logits: TeacherLogits,
+    teacher_logits: C.TeacherLogits,
     route_logits: Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -265,40 +250,40 @@ def routed_teacher_kl(
     Returns:
         Tensor: [] float.
     """
-    _require_ndim("student_logits", student_logits, 2, "[b, c]")
-    _require_float("student_logits", student_logits)
+    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
+    C._require_float("student_logits", student_logits)
     z = _stack_teachers(teacher_logits)
     t, b, c = z.shape
-    if (b, c) != _shape(student_logits):
+    if (b, c) != C._shape(student_logits):
         raise ValueError(
             f"teacher_logits must have shape [t, b, c] with [b, c] = student_logits shape "
-            f"{_shape(student_logits)}, got {_shape(z)}"
+            f"{C._shape(student_logits)}, got {C._shape(z)}"
         )
-    _require_shape("route_logits", route_logits, (b, t), "[b, t]")
-    _require_float("route_logits", route_logits)
-    temperature = _positive("temperature", temperature)
+    C._require_shape("route_logits", route_logits, (b, t), "[b, t]")
+    C._require_float("route_logits", route_logits)
+    temperature = C._positive("temperature", temperature)
     balance_weight = float(balance_weight)
     if not (balance_weight >= 0 and math.isfinite(balance_weight)):
         raise ValueError(f"balance_weight must be a finite number >= 0, got {balance_weight}")
     if top_k is not None and not 1 <= int(top_k) <= t:
         raise ValueError(f"top_k must be in [1, t = {t}], got {top_k}")
-    dtype = _compute_dtype(student_logits, z, route_logits)
+    dtype = C._compute_dtype(student_logits, z, route_logits)
     device = student_logits.device
     valid = _teacher_valid(teacher_mask, t, b, device)  # [t, b]
-    z = _zero_rows(z.to(dtype), valid)
-    kl = _soft_kl_rows(student_logits.to(dtype).unsqueeze(0), z, temperature)  # [t, b]
+    z = C._zero_rows(z.to(dtype), valid)
+    kl = C._soft_kl_rows(student_logits.to(dtype).unsqueeze(0), z, temperature)  # [t, b]
     kl = torch.where(valid, kl, torch.zeros_like(kl)).T  # [b, t]
     valid_bt = valid.T
-    w = _contribution((b,), weights, mask, dtype=dtype, device=device, spec="[b]")
+    w = C._contribution((b,), weights, mask, dtype=dtype, device=device, spec="[b]")
     w = w * valid_bt.any(-1).to(dtype)
-    full_log_gate = _masked_log_softmax(route_logits.to(dtype), valid_bt)
+    full_log_gate = C._masked_log_softmax(route_logits.to(dtype), valid_bt)
     gate_logits = route_logits.to(dtype)
     if top_k is not None:
         kth = gate_logits.masked_fill(~valid_bt, float("-inf")).topk(int(top_k), dim=-1).values[:, -1:]
         valid_bt = valid_bt & (gate_logits >= kth)
-    gate = _masked_log_softmax(gate_logits, valid_bt).exp()
+    gate = C._masked_log_softmax(gate_logits, valid_bt).exp()
     per_row = (gate * kl).sum(-1)
-    distill = _weighted_mean(per_row, w)
+    distill = C._weighted_mean(per_row, w)
     if balance_weight == 0:
         return distill
     return distill + balance_weight * router_balance_loss(full_log_gate.exp(), w != 0)

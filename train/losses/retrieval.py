@@ -9,23 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdstore.train.losses._common import (
-    _shape,
-    _require_ndim,
-    _require_shape,
-    _require_float,
-    _positive,
-    _compute_dtype,
-    _bool_mask,
-    _contribution,
-    _weighted_mean,
-    _zero_rows,
-    _kl_rows,
-    _masked_log_softmax,
-)
+from kdstore.train.losses import _common as C
 
 
 # --------------------------------------------------------------------------- retrieval
+
+
+def _require_rows_of(name: str, x: object, b: int, d: int, letter: str) -> int:
+    """Check ``x`` is a float [b, {letter}, d] tensor (``b, d`` from the anchor) and return its middle dim."""
+    x = C._require_ndim(name, x, 3, f"[b, {letter}, d]")
+    C._require_float(name, x)
+    if x.shape[0] != b or x.shape[2] != d:
+        raise ValueError(f"{name} must have shape [b, {letter}, d] = [{b}, {letter}, {d}], got {C._shape(x)}")
+    return x.shape[1]
 
 
 def contrastive_distill(
@@ -57,33 +53,27 @@ def contrastive_distill(
     Returns:
         Tensor: [] float.
     """
-    _require_ndim("student_anchor", student_anchor, 2, "[b, d]")
-    _require_float("student_anchor", student_anchor)
+    C._require_ndim("student_anchor", student_anchor, 2, "[b, d]")
+    C._require_float("student_anchor", student_anchor)
     b, d = student_anchor.shape
-    _require_shape("teacher_positive", teacher_positive, (b, d), "[b, d] like student_anchor")
-    _require_float("teacher_positive", teacher_positive)
-    _require_ndim("teacher_negatives", teacher_negatives, 3, "[b, n, d]")
-    _require_float("teacher_negatives", teacher_negatives)
-    if teacher_negatives.shape[0] != b or teacher_negatives.shape[2] != d:
-        raise ValueError(
-            f"teacher_negatives must have shape [b, n, d] = [{b}, n, {d}], got {_shape(teacher_negatives)}"
-        )
-    n = teacher_negatives.shape[1]
-    temperature = _positive("temperature", temperature)
-    dtype = _compute_dtype(student_anchor, teacher_positive, teacher_negatives)
-    w = _contribution((b,), weights, mask, dtype=dtype, device=student_anchor.device, spec="[b]")
+    C._require_shape("teacher_positive", teacher_positive, (b, d), "[b, d] like student_anchor")
+    C._require_float("teacher_positive", teacher_positive)
+    n = _require_rows_of("teacher_negatives", teacher_negatives, b, d, "n")
+    temperature = C._positive("temperature", temperature)
+    dtype = C._compute_dtype(student_anchor, teacher_positive, teacher_negatives)
+    w = C._contribution((b,), weights, mask, dtype=dtype, device=student_anchor.device, spec="[b]")
     keep = w != 0
     anchor = F.normalize(student_anchor.to(dtype), dim=-1)
-    positive = F.normalize(_zero_rows(teacher_positive.detach().to(dtype), keep), dim=-1)
-    negatives = F.normalize(_zero_rows(teacher_negatives.detach().to(dtype), keep), dim=-1)
+    positive = F.normalize(C._zero_rows(teacher_positive.detach().to(dtype), keep), dim=-1)
+    negatives = F.normalize(C._zero_rows(teacher_negatives.detach().to(dtype), keep), dim=-1)
     pos_score = (anchor * positive).sum(-1) / temperature
     neg_scores = torch.einsum("bd,bnd->bn", anchor, negatives) / temperature
     if neg_mask is not None:
-        neg_valid = _bool_mask("neg_mask", neg_mask, (b, n), "[b, n]")
+        neg_valid = C._bool_mask("neg_mask", neg_mask, (b, n), "[b, n]")
         neg_scores = neg_scores.masked_fill(~neg_valid, float("-inf"))
     logits = torch.cat([pos_score.unsqueeze(-1), neg_scores], dim=-1)
     per_row = torch.logsumexp(logits, dim=-1) - pos_score
-    return _weighted_mean(per_row, w)
+    return C._weighted_mean(per_row, w)
 
 
 def ranking_distill(
@@ -114,34 +104,28 @@ def ranking_distill(
     Returns:
         Tensor: [] float; rows without a valid candidate do not contribute.
     """
-    _require_ndim("student_anchor", student_anchor, 2, "[b, d]")
-    _require_float("student_anchor", student_anchor)
+    C._require_ndim("student_anchor", student_anchor, 2, "[b, d]")
+    C._require_float("student_anchor", student_anchor)
     b, d = student_anchor.shape
-    _require_ndim("student_candidates", student_candidates, 3, "[b, m, d]")
-    _require_float("student_candidates", student_candidates)
-    if student_candidates.shape[0] != b or student_candidates.shape[2] != d:
-        raise ValueError(
-            f"student_candidates must have shape [b, m, d] = [{b}, m, {d}], got {_shape(student_candidates)}"
-        )
-    m = student_candidates.shape[1]
-    _require_shape("teacher_scores", teacher_scores, (b, m), "[b, m]")
-    _require_float("teacher_scores", teacher_scores)
-    temperature = _positive("temperature", temperature)
+    m = _require_rows_of("student_candidates", student_candidates, b, d, "m")
+    C._require_shape("teacher_scores", teacher_scores, (b, m), "[b, m]")
+    C._require_float("teacher_scores", teacher_scores)
+    temperature = C._positive("temperature", temperature)
     t_temperature = (
-        temperature if teacher_temperature is None else _positive("teacher_temperature", teacher_temperature)
+        temperature if teacher_temperature is None else C._positive("teacher_temperature", teacher_temperature)
     )
-    dtype = _compute_dtype(student_anchor, student_candidates, teacher_scores)
+    dtype = C._compute_dtype(student_anchor, student_candidates, teacher_scores)
     device = student_anchor.device
     valid = (
         torch.ones(b, m, dtype=torch.bool, device=device)
         if candidate_mask is None
-        else _bool_mask("candidate_mask", candidate_mask, (b, m), "[b, m]")
+        else C._bool_mask("candidate_mask", candidate_mask, (b, m), "[b, m]")
     )
-    w = _contribution((b,), weights, mask, dtype=dtype, device=device, spec="[b]")
+    w = C._contribution((b,), weights, mask, dtype=dtype, device=device, spec="[b]")
     w = w * valid.any(-1).to(dtype)
-    scores_t = _zero_rows(teacher_scores.detach().to(dtype), w != 0) / t_temperature
+    scores_t = C._zero_rows(teacher_scores.detach().to(dtype), w != 0) / t_temperature
     anchor = F.normalize(student_anchor.to(dtype), dim=-1)
     candidates = F.normalize(student_candidates.to(dtype), dim=-1)
     scores_s = torch.einsum("bd,bmd->bm", anchor, candidates) / temperature
-    per_row = _kl_rows(_masked_log_softmax(scores_t, valid), _masked_log_softmax(scores_s, valid))
-    return _weighted_mean(per_row, w)
+    per_row = C._kl_rows(C._masked_log_softmax(scores_t, valid), C._masked_log_softmax(scores_s, valid))
+    return C._weighted_mean(per_row, w)
