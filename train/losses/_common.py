@@ -50,6 +50,20 @@ def _require_integer(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}")
 
 
+def _require_float_ndim(name: str, x: object, ndim: int, spec: str) -> Tensor:
+    """``_require_ndim`` then ``_require_float``: a floating-point tensor of rank ``ndim``."""
+    x = _require_ndim(name, x, ndim, spec)
+    _require_float(name, x)
+    return x
+
+
+def _require_float_shape(name: str, x: object, shape: Sequence[int], spec: str) -> Tensor:
+    """``_require_shape`` then ``_require_float``: a floating-point tensor of exactly ``shape``."""
+    x = _require_shape(name, x, shape, spec)
+    _require_float(name, x)
+    return x
+
+
 def _positive(name: str, value: float) -> float:
     value = float(value)
     if not (value > 0 and math.isfinite(value)):

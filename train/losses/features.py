@@ -150,10 +150,8 @@ def embedding_cosine(
     Returns:
         Tensor: [] float in [0, 2].
     """
-    C._require_ndim("student_emb", student_emb, 2, "[b, d]")
-    C._require_float("student_emb", student_emb)
-    C._require_shape("teacher_emb", teacher_emb, student_emb.shape, "[b, d] like student_emb")
-    C._require_float("teacher_emb", teacher_emb)
+    C._require_float_ndim("student_emb", student_emb, 2, "[b, d]")
+    C._require_float_shape("teacher_emb", teacher_emb, student_emb.shape, "[b, d] like student_emb")
     return feature_match(student_emb, teacher_emb, None, "cosine", weights, mask)
 
 

@@ -39,8 +39,7 @@ def cross_entropy(
     Raises:
         ValueError: on a shape or dtype mismatch.
     """
-    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
-    C._require_float("student_logits", student_logits)
+    C._require_float_ndim("student_logits", student_logits, 2, "[b, c]")
     b = student_logits.shape[0]
     C._require_shape("labels", labels, (b,), "[b]")
     C._require_integer("labels", labels)
@@ -77,10 +76,8 @@ def soft_kl(
     Raises:
         ValueError: on a shape mismatch or T <= 0.
     """
-    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
-    C._require_float("student_logits", student_logits)
-    C._require_shape("teacher_logits", teacher_logits, student_logits.shape, "[b, c] like student_logits")
-    C._require_float("teacher_logits", teacher_logits)
+    C._require_float_ndim("student_logits", student_logits, 2, "[b, c]")
+    C._require_float_shape("teacher_logits", teacher_logits, student_logits.shape, "[b, c] like student_logits")
     temperature = C._positive("temperature", temperature)
     dtype = C._compute_dtype(student_logits, teacher_logits)
     b = student_logits.shape[0]
@@ -124,8 +121,7 @@ def topk_kl(
     Raises:
         ValueError: on a shape or dtype mismatch, k > c, or T <= 0.
     """
-    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
-    C._require_float("student_logits", student_logits)
+    C._require_float_ndim("student_logits", student_logits, 2, "[b, c]")
     b, c = student_logits.shape
     C._check_topk("topk_", (b,), c, topk_values, topk_indices, residual)
     temperature = C._positive("temperature", temperature)
@@ -190,8 +186,7 @@ def dho_loss(
     """
     C._require_ndim("ce_head_logits", ce_head_logits, 2, "[b, c]")
     C._require_shape("kd_head_logits", kd_head_logits, ce_head_logits.shape, "[b, c] like ce_head_logits")
-    C._require_shape("teacher", teacher, ce_head_logits.shape, "[b, c] like ce_head_logits")
-    C._require_float("teacher", teacher)
+    C._require_float_shape("teacher", teacher, ce_head_logits.shape, "[b, c] like ce_head_logits")
     alpha = C._unit_interval("alpha", alpha)
     dtype = C._compute_dtype(ce_head_logits, kd_head_logits, teacher)
     teacher_logits = _teacher_as_logits(teacher, teacher_is_probs, dtype)
@@ -220,10 +215,8 @@ def dho_combine(
     Returns:
         Tensor: [b, c] float probabilities (rows sum to 1).
     """
-    C._require_ndim("ce_head_logits", ce_head_logits, 2, "[b, c]")
-    C._require_float("ce_head_logits", ce_head_logits)
-    C._require_shape("kd_head_logits", kd_head_logits, ce_head_logits.shape, "[b, c] like ce_head_logits")
-    C._require_float("kd_head_logits", kd_head_logits)
+    C._require_float_ndim("ce_head_logits", ce_head_logits, 2, "[b, c]")
+    C._require_float_shape("kd_head_logits", kd_head_logits, ce_head_logits.shape, "[b, c] like ce_head_logits")
     alpha = C._unit_interval("alpha", alpha)
     beta = C._positive("beta", beta)
     dtype = C._compute_dtype(ce_head_logits, kd_head_logits)
@@ -256,8 +249,7 @@ def confidence_weights(
     Returns:
         Tensor: [b] float, detached.
     """
-    C._require_ndim("scores", scores, 1, "[b]")
-    C._require_float("scores", scores)
+    C._require_float_ndim("scores", scores, 1, "[b]")
     power = float(power)
     if not (power >= 0 and math.isfinite(power)):
         raise ValueError(f"power must be a finite number >= 0, got {power}")

@@ -21,16 +21,14 @@ from kdstore.train.losses import _common as C
 
 def _stack_teachers(teacher_logits: C.TeacherLogits) -> Tensor:
     if isinstance(teacher_logits, Tensor):
-        C._require_ndim("teacher_logits", teacher_logits, 3, "[t, b, c]")
-        C._require_float("teacher_logits", teacher_logits)
+        C._require_float_ndim("teacher_logits", teacher_logits, 3, "[t, b, c]")
         stacked = teacher_logits
     else:
         tensors = list(teacher_logits)
         if not tensors:
             raise ValueError("teacher_logits is empty; pass at least one [b, c] tensor")
         for i, x in enumerate(tensors):
-            C._require_ndim(f"teacher_logits[{i}]", x, 2, "[b, c]")
-            C._require_float(f"teacher_logits[{i}]", x)
+            C._require_float_ndim(f"teacher_logits[{i}]", x, 2, "[b, c]")
             if C._shape(x) != C._shape(tensors[0]):
                 raise ValueError(
                     f"teacher_logits[{i}] has shape {C._shape(x)} but teacher_logits[0] has "
@@ -131,10 +129,8 @@ def multi_teacher_kl(
     Returns:
         Tensor: [] float.
     """
-    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
-    C._require_float("student_logits", student_logits)
-    C._require_shape("teacher_probs", teacher_probs, student_logits.shape, "[b, c] like student_logits")
-    C._require_float("teacher_probs", teacher_probs)
+    C._require_float_ndim("student_logits", student_logits, 2, "[b, c]")
+    C._require_float_shape("teacher_probs", teacher_probs, student_logits.shape, "[b, c] like student_logits")
     temperature = C._positive("temperature", temperature)
     dtype = C._compute_dtype(student_logits, teacher_probs)
     b = student_logits.shape[0]
@@ -201,8 +197,7 @@ def router_balance_loss(route_probs: Tensor, mask: Tensor | None = None) -> Tens
     Returns:
         Tensor: [] float >= 0.
     """
-    C._require_ndim("route_probs", route_probs, 2, "[b, t]")
-    C._require_float("route_probs", route_probs)
+    C._require_float_ndim("route_probs", route_probs, 2, "[b, t]")
     b, t = route_probs.shape
     dtype = C._compute_dtype(route_probs)
     w = C._contribution((b,), None, mask, dtype=dtype, device=route_probs.device, spec="[b]")
@@ -250,8 +245,7 @@ def routed_teacher_kl(
     Returns:
         Tensor: [] float.
     """
-    C._require_ndim("student_logits", student_logits, 2, "[b, c]")
-    C._require_float("student_logits", student_logits)
+    C._require_float_ndim("student_logits", student_logits, 2, "[b, c]")
     z = _stack_teachers(teacher_logits)
     t, b, c = z.shape
     if (b, c) != C._shape(student_logits):
@@ -259,8 +253,7 @@ def routed_teacher_kl(
             f"teacher_logits must have shape [t, b, c] with [b, c] = student_logits shape "
             f"{C._shape(student_logits)}, got {C._shape(z)}"
         )
-    C._require_shape("route_logits", route_logits, (b, t), "[b, t]")
-    C._require_float("route_logits", route_logits)
+    C._require_float_shape("route_logits", route_logits, (b, t), "[b, t]")
     temperature = C._positive("temperature", temperature)
     balance_weight = float(balance_weight)
     if not (balance_weight >= 0 and math.isfinite(balance_weight)):

@@ -17,8 +17,7 @@ from kdstore.train.losses import _common as C
 
 def _require_rows_of(name: str, x: object, b: int, d: int, letter: str) -> int:
     """Check ``x`` is a float [b, {letter}, d] tensor (``b, d`` from the anchor) and return its middle dim."""
-    x = C._require_ndim(name, x, 3, f"[b, {letter}, d]")
-    C._require_float(name, x)
+    x = C._require_float_ndim(name, x, 3, f"[b, {letter}, d]")
     if x.shape[0] != b or x.shape[2] != d:
         raise ValueError(f"{name} must have shape [b, {letter}, d] = [{b}, {letter}, {d}], got {C._shape(x)}")
     return x.shape[1]
@@ -53,11 +52,9 @@ def contrastive_distill(
     Returns:
         Tensor: [] float.
     """
-    C._require_ndim("student_anchor", student_anchor, 2, "[b, d]")
-    C._require_float("student_anchor", student_anchor)
+    C._require_float_ndim("student_anchor", student_anchor, 2, "[b, d]")
     b, d = student_anchor.shape
-    C._require_shape("teacher_positive", teacher_positive, (b, d), "[b, d] like student_anchor")
-    C._require_float("teacher_positive", teacher_positive)
+    C._require_float_shape("teacher_positive", teacher_positive, (b, d), "[b, d] like student_anchor")
     n = _require_rows_of("teacher_negatives", teacher_negatives, b, d, "n")
     temperature = C._positive("temperature", temperature)
     dtype = C._compute_dtype(student_anchor, teacher_positive, teacher_negatives)
@@ -104,12 +101,10 @@ def ranking_distill(
     Returns:
         Tensor: [] float; rows without a valid candidate do not contribute.
     """
-    C._require_ndim("student_anchor", student_anchor, 2, "[b, d]")
-    C._require_float("student_anchor", student_anchor)
+    C._require_float_ndim("student_anchor", student_anchor, 2, "[b, d]")
     b, d = student_anchor.shape
     m = _require_rows_of("student_candidates", student_candidates, b, d, "m")
-    C._require_shape("teacher_scores", teacher_scores, (b, m), "[b, m]")
-    C._require_float("teacher_scores", teacher_scores)
+    C._require_float_shape("teacher_scores", teacher_scores, (b, m), "[b, m]")
     temperature = C._positive("temperature", temperature)
     t_temperature = (
         temperature if teacher_temperature is None else C._positive("teacher_temperature", teacher_temperature)
