@@ -74,7 +74,8 @@ def plot_training(run_dir: str | Path, out: str | Path | None = None) -> dict:
         ax_acc.annotate(f"{evals[-1]['accuracy']:.4f}", (ex[-1], evals[-1]["accuracy"]), textcoords="offset points",
                         xytext=(-10, -14), fontsize=9)
     ax_acc.set(title="eval accuracy", xlabel="step", ylabel="accuracy")
-    ax_acc.legend(fontsize=8)
+    if ax_acc.get_legend_handles_labels()[0]:  # no eval yet: nothing to name
+        ax_acc.legend(fontsize=8)
     agree = [r.get("teacher_agreement") for r in evals]
     if any(a is not None for a in agree):
         ax_agree.plot(ex, [np.nan if a is None else a for a in agree], "o-", color="tab:purple")
