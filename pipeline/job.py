@@ -27,6 +27,7 @@ from kdstore.pipeline.worker import ShardProcessor
 from kdstore.store import layout
 from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
+from kdstore.store.fs import is_remote
 from kdstore.store.lock import StoreLock, store_lock
 from kdstore.store.reader import open_store
 from kdstore.store.schema import OutputSpec, TeacherSpec
@@ -77,6 +78,8 @@ class PrecomputeConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        # a local Path, or a UPath on object storage (s3://bucket/prefix), parsed once here
+        object.__setattr__(self, "store", layout.root_of(self.store))
 
 
 @dataclass(kw_only=True)
@@ -225,7 +228,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     """Run (or resume) one teacher over the inputs into ``cfg.store``."""
     start = time.perf_counter()
     urls = expand_urls(list(cfg.inputs))
-    cfg.store.mkdir(parents=True, exist_ok=True)
+    if not is_remote(cfg.store):
+        cfg.store.mkdir(parents=True, exist_ok=True)
     with StoreLock(cfg.store) as lock, _overwrite_lock(cfg):
         started_ray = _ensure_ray(cfg.ray_address)
         try:
