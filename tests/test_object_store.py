@@ -145,6 +145,19 @@ def test_rerun_on_s3_resumes_and_a_flipped_object_is_reported(stores, s3, s3_sha
     assert verify_store(open_store(remote), check_inputs=False).ok
 
 
+def test_cli_precompute_into_s3_then_a_second_job_is_refused(s3, ray_s3, s3_shards):
+    store = s3.url("stores", "cli")
+    args = ["precompute", "--store", store, "--inputs", s3.url("inputs", "train-00000{0..1}.tar"),
+            "--teacher", CNN, "--output", "logits", "--workers", "1", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "2 shards run" in result.output
+    assert open_store(store).teacher("fashion_cnn").complete
+    with StoreLock(store) as holder:
+        again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and f"job {holder.token}" in again.output, again.output
+
+
 def test_overwrite_on_s3_is_refused(s3, s3_shards):
     with pytest.raises(InputError, match="object storage"):
         run_precompute(_cfg(s3.url("stores", "overwrite"), s3_shards, overwrite=True))
@@ -228,18 +241,18 @@ def test_an_expired_lease_is_taken_over_and_its_late_writer_is_fenced(s3):
 # --------------------------------------------------------------------------- training
 
 
-def test_train_reads_an_s3_store_for_one_epoch(stores, s3_shards, tmp_path):
-    from kdstore.train.config import parse_config
-    from kdstore.train.recipe import run
-
+def test_cli_train_reads_an_s3_store_for_one_epoch(stores, tmp_path):
     _, remote = stores
-    cfg = parse_config({
-        "data": {"store": remote, "train_shards": ["0..2"], "eval_shards": ["3"], "batch_size": 25,
-                 "shuffle_buffer": 16, "verify_inputs": "quick"},
-        "model": {"arch": "mlp", "hidden": 16},
-        "train": {"out_dir": str(tmp_path / "out"), "epochs": 1, "threads": 1, "progress": False},
-        "loss": [{"kind": "kd", "teacher": "cnn"}],
-    })
-    result = run(cfg)
-    assert result.steps == 6  # 150 training rows, batches of 25
-    assert (tmp_path / "out" / "student.pt").is_file()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[data]\ntrain_shards = ["0..2"]\neval_shards = ["3"]\nbatch_size = 25\nshuffle_buffer = 16\n'
+        'verify_inputs = "quick"\n\n[model]\narch = "mlp"\nhidden = 16\n\n'
+        '[train]\nepochs = 1\nthreads = 1\n\n[[loss]]\nkind = "kd"\nteacher = "cnn"\n'
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["train", str(config), "--store", remote, "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log) == 6  # 150 training rows from s3:// in batches of 25
+    assert json.loads((out / "config.json").read_text())["data"]["store"] == remote
+    assert (out / "student.pt").is_file()
