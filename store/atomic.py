@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from kdstore.store.errors import StoreCorruptError
-from kdstore.store.fs import is_remote, put_bytes
+from kdstore.store.fs import get_bytes, is_remote, put_bytes
 
 
 def _umask() -> int:
@@ -71,8 +71,11 @@ def write_json_atomic(path: Path, doc: dict) -> None:
 def read_json(path: Path, what: str) -> dict:
     """A JSON object; ``FileNotFoundError`` passes, anything unreadable is ``StoreCorruptError``."""
     try:
-        with (path.open() if is_remote(path) else open(path)) as fh:
-            doc = json.load(fh)
+        if is_remote(path):
+            doc = json.loads(get_bytes(path))
+        else:
+            with open(path) as fh:
+                doc = json.load(fh)
     except FileNotFoundError:
         raise
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:

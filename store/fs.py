@@ -65,6 +65,12 @@ def is_remote(path: Any) -> bool:
     return isinstance(path, UPath) and path.protocol not in ("", "file", "local")
 
 
+def get_bytes(path: UPath) -> bytes:
+    """One GET of a whole object. (Not ``open()``: that pins the ETag of a first request, and an
+    object replaced meanwhile, such as a renewed lease, fails the read with ``FileExpired``.)"""
+    return path.fs.cat_file(path.path)
+
+
 def put_bytes(path: UPath, data: bytes) -> None:
     """One PUT: the object appears whole or not at all."""
     path.fs.pipe_file(path.path, data)

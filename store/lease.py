@@ -41,7 +41,7 @@ from typing import Any
 
 from kdstore.store import layout
 from kdstore.store.errors import StoreLockedError
-from kdstore.store.fs import create_exclusive, put_bytes
+from kdstore.store.fs import create_exclusive, get_bytes, put_bytes
 
 DEFAULT_TTL = 60.0
 
@@ -63,8 +63,7 @@ def current(root: Any) -> dict | None:
     """The highest generation's document, or None when the store never had a lease."""
     for generation in reversed(_generations(root)):
         try:
-            with layout.lease_path(root, generation).open() as fh:
-                return json.load(fh)
+            return json.loads(get_bytes(layout.lease_path(root, generation)))
         except FileNotFoundError:  # deleted as an old generation meanwhile: look lower
             continue
     return None

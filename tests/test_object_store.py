@@ -238,6 +238,18 @@ def test_an_expired_lease_is_taken_over_and_its_late_writer_is_fenced(s3):
     assert current(root)["released"]
 
 
+def test_the_fence_reads_the_lease_while_its_holder_renews_it(s3):
+    # Workers read the lease while the driver re-PUTs it; a read must never trip over a renewal.
+    root = s3.url("leases", "busy")
+    with Lease(root, "busy-job", "here", ttl=0.06) as lease:  # renewed every 20 ms
+        deadline = time.monotonic() + 3
+        reads = 0
+        while time.monotonic() < deadline:
+            check_fence(root, lease.token)
+            reads += 1
+    assert reads > 20
+
+
 # --------------------------------------------------------------------------- training
 
 
