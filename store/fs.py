@@ -18,14 +18,33 @@ for an S3-compatible server); Ray actors of a local cluster inherit them from th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from upath import UPath
 
-REMOTE_HINT = "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS server)"
+from kdstore.store.errors import InputError
+
+REMOTE_HINT = (
+    "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS server); "
+    "Ray workers read their own node's environment (docs/CLUSTER.md)"
+)
+
+
+@contextlib.contextmanager
+def remote_errors(what: str) -> Iterator[None]:
+    """Turn botocore's client-side errors (no credentials, unreachable endpoint) into one
+    ``InputError`` line that says what to set."""
+    try:
+        yield
+    except Exception as exc:
+        if any(cls.__name__ == "BotoCoreError" for cls in type(exc).__mro__):
+            raise InputError(f"{what}: {exc}; {REMOTE_HINT}") from None
+        raise
 
 
 NO_CACHE = {"use_listings_cache": False}

@@ -41,7 +41,7 @@ from typing import Any
 
 from kdstore.store import layout
 from kdstore.store.errors import StoreLockedError
-from kdstore.store.fs import create_exclusive, get_bytes, put_bytes
+from kdstore.store.fs import create_exclusive, get_bytes, put_bytes, remote_errors
 
 DEFAULT_TTL = 60.0
 
@@ -61,6 +61,11 @@ def _generations(root: Any) -> list[int]:
 
 def current(root: Any) -> dict | None:
     """The highest generation's document, or None when the store never had a lease."""
+    with remote_errors(f"store {layout.root_of(root)}"):
+        return _current(root)
+
+
+def _current(root: Any) -> dict | None:
     for generation in reversed(_generations(root)):
         try:
             return json.loads(get_bytes(layout.lease_path(root, generation)))
@@ -103,6 +108,10 @@ class Lease:
         return json.dumps(doc, sort_keys=True).encode()
 
     def acquire(self) -> "Lease":
+        with remote_errors(f"store {self.root}"):
+            return self._acquire()
+
+    def _acquire(self) -> "Lease":
         generations = _generations(self.root)
         top = generations[-1] if generations else -1
         doc = current(self.root) if generations else None

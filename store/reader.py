@@ -18,7 +18,7 @@ import zarr
 from kdstore.store import layout
 from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, StoreCorruptError
-from kdstore.store.fs import read_parquet, zarr_store
+from kdstore.store.fs import read_parquet, remote_errors, zarr_store
 from kdstore.store.layout import SAMPLES_FILE, STORE_FILE, VALID_ARRAY, VIEWS_ARRAY
 from kdstore.store.schema import DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec
 
@@ -256,7 +256,8 @@ def open_store(path: str | Path) -> Store:
     """Open a store written by ``kdstore precompute``; raises ``InputError`` when there is none."""
     root = layout.root_of(path)
     try:
-        doc = read_json(layout.store_file(root), STORE_FILE)
+        with remote_errors(f"store {root}"):
+            doc = read_json(layout.store_file(root), STORE_FILE)
     except FileNotFoundError:
         raise InputError(f"{root} is not a kdstore store (no {STORE_FILE}); create one with `kdstore precompute`") from None
     return Store(root, StoreManifest.from_json(doc))

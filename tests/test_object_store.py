@@ -158,6 +158,23 @@ def test_cli_precompute_into_s3_then_a_second_job_is_refused(s3, ray_s3, s3_shar
     assert again.exit_code == 2 and f"job {holder.token}" in again.output, again.output
 
 
+def test_missing_credentials_are_one_line_saying_what_to_set(stores, fmnist_shards):
+    import subprocess
+    import sys
+
+    _, remote = stores
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent")
+    for args in (["info", remote],
+                 ["precompute", "--store", remote, "--inputs", str(fmnist_shards[0]), "--teacher", CNN, "--no-progress"]):
+        proc = subprocess.run([sys.executable, "-m", "kdstore.cli.main", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: store {remote}: Unable to locate credentials")
+        assert "AWS_ACCESS_KEY_ID" in lines[0]
+
+
 def test_overwrite_on_s3_is_refused(s3, s3_shards):
     with pytest.raises(InputError, match="object storage"):
         run_precompute(_cfg(s3.url("stores", "overwrite"), s3_shards, overwrite=True))
