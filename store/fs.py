@@ -25,9 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from upath import UPath
-
 from kdstore.store.errors import InputError
+from upath import UPath
 
 REMOTE_HINT = (
     "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS server); "

@@ -107,11 +107,11 @@ class Lease:
         }
         return json.dumps(doc, sort_keys=True).encode()
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         with remote_errors(f"store {self.root}"):
             return self._acquire()
 
-    def _acquire(self) -> "Lease":
+    def _acquire(self) -> Lease:
         generations = _generations(self.root)
         top = generations[-1] if generations else -1
         doc = current(self.root) if generations else None
@@ -149,8 +149,8 @@ class Lease:
             try:
                 if not self.renew():
                     return
-            except OSError:  # a failed request: try again next round; expiry fences us if we stay silent
-                continue
+            except Exception:  # noqa: BLE001  any failed request (OSError, botocore's own): retry next
+                continue  # round; if renewals keep failing the lease expires and the fence stops our workers
 
     def release(self) -> None:
         self._stop.set()
@@ -162,7 +162,7 @@ class Lease:
                 put_bytes(layout.lease_path(self.root, self.generation), self._doc(released=True))
         self.generation = None
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
