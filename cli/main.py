@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from kdstore.cli.common import user_errors
+from kdstore.cli.common import StoreLocationType, user_errors
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -74,7 +74,8 @@ def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...
 
 
 @main.command("precompute")
-@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store folder (created if missing).")
+@click.option("--store", "store_path", required=True, type=StoreLocationType(exists=False),
+              help="Store folder (created if missing), or an fsspec URL such as s3://bucket/prefix.")
 @click.option("--inputs", "-i", multiple=True, required=True, help="Input shards: paths, brace patterns ('data/train-{000000..000029}.tar'), globs or fsspec URLs. Repeatable.")
 @click.option("--teacher", "factory", required=True, help="package.module:factory returning a kdstore Teacher or a torch.nn.Module.")
 @click.option("--teacher-name", default=None, help="Name in the store (default: the factory's name).")
@@ -136,7 +137,7 @@ def _human(nbytes: float) -> str:
 
 
 @main.command("info")
-@click.argument("store_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store_path", type=StoreLocationType(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw per-field bytes, the teachers' confidence histogram and the label distribution to this PNG.")
@@ -216,7 +217,7 @@ def _print_keys(store_path: Path, *, limit: int, shard: int | None, as_json: boo
 
 
 @main.command("keys")
-@click.argument("store_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store_path", type=StoreLocationType(exists=True))
 @click.option("--limit", default=20, show_default=True, help="Rows to list (0 = all).")
 @click.option("--offset", default=0, show_default=True, help="Skip this many rows first.")
 @click.option("--shard", type=int, default=None, help="Only this shard's rows (its index, as in `kdstore info`).")
@@ -228,7 +229,7 @@ def keys_cmd(store_path: Path, limit: int, offset: int, shard: int | None, as_js
 
 
 @main.command("verify")
-@click.argument("store_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store_path", type=StoreLocationType(exists=True))
 @click.option("--shards", multiple=True, help="Only these shards (index, URL or URL substring). Repeatable.")
 @click.option("--skip-inputs", is_flag=True, help="Do not re-read the input shards to compare keys.")
 @click.option("--inputs-root", default=None,

@@ -31,6 +31,7 @@ from kdstore.store import layout
 from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
 from kdstore.store.inputs import has_scheme, missing_local, normalize_url, recorded_to_absolute, shard_urls
+from kdstore.store.fs import is_remote
 from kdstore.store.lock import StoreLock, store_lock
 from kdstore.store.reader import open_store
 from kdstore.store.schema import OutputSpec, TeacherSpec
@@ -91,6 +92,8 @@ class PrecomputeConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        # a local Path, or a UPath on object storage (s3://bucket/prefix), parsed once here
+        object.__setattr__(self, "store", layout.root_of(self.store))
 
 
 @dataclass(kw_only=True)
@@ -271,7 +274,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     start = time.perf_counter()
     urls = preflight(cfg)
     created = not cfg.store.exists()
-    cfg.store.mkdir(parents=True, exist_ok=True)
+    if not is_remote(cfg.store):
+        cfg.store.mkdir(parents=True, exist_ok=True)
     try:
         with StoreLock(cfg.store) as lock, _overwrite_lock(cfg):
             started_ray = _ensure_ray(cfg.ray_address)
@@ -282,7 +286,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
                 if started_ray:
                     ray.shutdown()
     except ClusterError:
-        if created:  # a refused cluster leaves no half-made store behind
+        if created and not is_remote(cfg.store):  # a refused cluster leaves no half-made store behind
             _remove_if_only_locks(cfg.store)
         raise
 
@@ -308,7 +312,7 @@ def _check_cluster(cfg: PrecomputeConfig, urls: list[str]) -> None:
             f"--workers {cfg.workers} with --device cuda needs one GPU per worker; the Ray cluster has {gpus}: "
             f"use --workers {gpus} (or 0 = one per GPU)"
         )
-    if cfg.ray_address:
+    if cfg.ray_address and not is_remote(cfg.store):  # an object store needs no shared filesystem
         check_shared_filesystem(cfg.store, [u for u in urls if not has_scheme(u)][:1])
 
 
@@ -356,7 +360,7 @@ def check_shared_filesystem(store: Path, local_inputs: list[str], *, timeout_s: 
                 raise ClusterError(
                     f"--ray-address: node {host} ({refs[ref]}) does not see the store at {store.resolve()}: {problem}. "
                     "kdstore needs the store and the input shards on a filesystem mounted at the same path on every "
-                    "node (object storage is not supported yet); give a --store (and --inputs) on such a filesystem"
+                    "node ; give a --store (and --inputs) on such a filesystem, or put them in object storage (--store s3://...)"
                 )
         if not_ready:
             raise ClusterError(

@@ -8,13 +8,13 @@ of :mod:`kdstore.pipeline.stages`; the error policy is a handler chosen from ``o
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from kdstore.pipeline import stages
 from kdstore.pipeline.teacher import TeacherLoad  # noqa: F401  (re-exported: it used to live here)
+from kdstore.store import layout
 from kdstore.store.errors import InputError, KdStoreError
 from kdstore.store.schema import DoneRecord, ShardInfo, TeacherSpec
 from kdstore.store.writer import write_shard
@@ -76,7 +76,7 @@ class ShardProcessor:
         if not arrays.fields and not arrays.ragged:
             raise InputError(f"shard {shard.url}: every sample failed; first: {skipped[0]['reason'] if skipped else '?'}")
         return write_shard(
-            Path(root),
+            layout.root_of(root),
             spec,
             shard,
             arrays.fields,

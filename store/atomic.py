@@ -1,6 +1,8 @@
 """Durable small writes: JSON documents replaced atomically, folders and trees fsynced.
 
 Files follow the process umask like any other file (``mkstemp`` alone would leave 0600).
+On object storage (a ``UPath`` root, :mod:`kdstore.store.fs`) a JSON document is one PUT,
+which is atomic there: no temp object, no rename.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from kdstore.store.errors import StoreCorruptError
+from kdstore.store.fs import get_bytes, is_remote, put_bytes
 
 
 def _umask() -> int:
@@ -44,7 +47,11 @@ def write_json_atomic(path: Path, doc: dict) -> None:
     """Write ``doc`` to a temp file beside ``path``, fsync, rename over it, fsync the folder.
 
     The file gets ``0666 & ~umask`` (``0644`` under the usual umask 022), as ``open`` would.
+    On object storage: one PUT of the same bytes.
     """
+    if is_remote(path):
+        put_bytes(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -64,8 +71,11 @@ def write_json_atomic(path: Path, doc: dict) -> None:
 def read_json(path: Path, what: str) -> dict:
     """A JSON object; ``FileNotFoundError`` passes, anything unreadable is ``StoreCorruptError``."""
     try:
-        with open(path) as fh:
-            doc = json.load(fh)
+        if is_remote(path):
+            doc = json.loads(get_bytes(path))
+        else:
+            with open(path) as fh:
+                doc = json.load(fh)
     except FileNotFoundError:
         raise
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -56,6 +56,8 @@ def record_url(url: str, store_root: str | os.PathLike) -> str:
     if has_scheme(url):
         return url
     path = normalize_url(url)
+    if has_scheme(str(store_root)):  # a store in object storage: local inputs by absolute path
+        return path
     root = normalize_url(os.fspath(store_root))
     if path.startswith(root.rstrip(os.sep) + os.sep):
         return os.path.relpath(path, root).replace(os.sep, "/")

@@ -12,13 +12,18 @@
     STORE/index/TEACHER.FIELD.faiss (+ .json, .rows.npy)
     STORE/negatives/NAME.parquet
 
-Functions take the store root (a path) or anything with a ``.path`` (an open ``Store``).
+Functions take the store root (a path, a URL such as ``s3://bucket/prefix``) or anything with
+a ``.path`` (an open ``Store``); they return a ``pathlib.Path`` for a local store and a
+``upath.UPath`` on object storage (:func:`kdstore.store.fs.store_root`). On object storage
+the job's lock is a lease, ``STORE/.lease/GENERATION.json`` (:mod:`kdstore.store.lease`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from kdstore.store.fs import store_root
 
 STORE_FILE = "store.json"
 SAMPLES_FILE = "samples.parquet"
@@ -29,6 +34,7 @@ DONE_DIR = "done"
 TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
 READERS_LOCK_FILE = ".readers.lock"
+LEASE_DIR = ".lease"  # object storage: one lease object per generation, GENERATION.json
 INDEX_DIR = "index"
 NEGATIVES_DIR = "negatives"
 
@@ -39,8 +45,8 @@ OFFSETS_SUFFIX = ".offsets"  # FIELD.offsets [n + 1] int64 of a per-token field
 
 
 def root_of(store: Any) -> Path:
-    """The store folder of a ``Store`` (its ``.path``) or a path."""
-    return Path(getattr(store, "path", store)).expanduser()
+    """The store folder of a ``Store`` (its ``.path``), a path or a URL (a ``UPath`` then)."""
+    return store_root(store)
 
 
 def shard_name(index: int) -> str:
@@ -70,6 +76,14 @@ def lock_path(store: Any) -> Path:
 
 def readers_lock_path(store: Any) -> Path:
     return root_of(store) / READERS_LOCK_FILE
+
+
+def lease_dir(store: Any) -> Path:
+    return root_of(store) / LEASE_DIR
+
+
+def lease_path(store: Any, generation: int) -> Path:
+    return lease_dir(store) / f"{generation:010d}.json"
 
 
 def teachers_dir(store: Any) -> Path:

@@ -9,6 +9,11 @@ Two lock files (paths in :mod:`kdstore.store.layout`):
   hold it shared while they read; ``precompute --overwrite`` (which deletes stored outputs)
   takes it exclusively and is refused while any reader holds it (and readers are refused
   while an overwrite runs). Neither side waits: the error says who holds the store.
+
+On object storage (``s3://``) there is no ``flock``: :class:`StoreLock` holds a lease
+instead (:mod:`kdstore.store.lease`, conditional PUTs, renewed, taken over once expired), and
+:func:`check_fence` reads the lease. Readers take no lock there, so ``precompute --overwrite``
+(which deletes stored outputs) is refused on object storage.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from kdstore.store import layout
-from kdstore.store.errors import StoreLockedError
+from kdstore.store.errors import InputError, StoreLockedError
+from kdstore.store.fs import is_remote
+from kdstore.store.lease import Lease, check_lease_fence
 
 
 def _who() -> str:
@@ -30,14 +37,21 @@ def _who() -> str:
 
 
 class StoreLock:
-    """An exclusive ``flock`` on ``STORE/.lock`` for one job; the kernel drops it on any exit."""
+    """An exclusive ``flock`` on ``STORE/.lock`` for one job; the kernel drops it on any exit.
+
+    On object storage: a :class:`~kdstore.store.lease.Lease` with the same token.
+    """
 
     def __init__(self, root: Path) -> None:
         self.path = layout.lock_path(root)
         self.token = uuid.uuid4().hex
         self._fh = None
+        self._lease = Lease(root, self.token, _who()) if is_remote(self.path) else None
 
     def __enter__(self) -> "StoreLock":
+        if self._lease is not None:
+            self._lease.acquire()
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
         try:
@@ -57,6 +71,8 @@ class StoreLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._lease is not None:
+            self._lease.release()
         if self._fh is not None:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
@@ -70,6 +86,9 @@ def check_fence(root: Path, token: str | None) -> None:
     written its own token), their late writes must not land.
     """
     if token is None:
+        return
+    if is_remote(layout.root_of(root)):
+        check_lease_fence(root, token)
         return
     try:
         holder = layout.lock_path(root).read_text()
@@ -100,6 +119,15 @@ def store_lock(store: Any, *, shared: bool = True, what: str = "") -> Iterator[N
     A reader of a read-only store that has no lock file reads unlocked (nobody can overwrite it).
     """
     root = layout.root_of(store)
+    if is_remote(root):
+        if not shared:
+            raise InputError(
+                f"store {root} is on object storage, where readers hold no lock: {what or 'an overwrite'} "
+                "could delete outputs a running train reads, so it is not supported there; precompute into a "
+                "new --store prefix, or delete this one yourself when nothing reads it"
+            )
+        yield  # readers take no lock on object storage (docs/FORMAT.md)
+        return
     path = layout.readers_lock_path(root)
     fh = _open_lock_file(path, shared)
     if fh is None:

@@ -1,7 +1,8 @@
 """Reading a store: the row plan, each teacher's fields, shard by shard or by rows.
 
 Reads are shard-sequential: a field of one shard is one contiguous Zarr array, so a
-trainer walking shards never does row-by-row random reads.
+trainer walking shards never does row-by-row random reads. A store on object storage
+(``s3://bucket/prefix``) is read the same way, through fsspec (:mod:`kdstore.store.fs`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import zarr
 
 from kdstore.store import layout
 from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, StoreCorruptError
+from kdstore.store.fs import read_parquet, remote_errors, zarr_store
 from kdstore.store.layout import SAMPLES_FILE, STORE_FILE, VALID_ARRAY, VIEWS_ARRAY
 from kdstore.store.schema import DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec
 
@@ -73,7 +74,7 @@ class TeacherData:
                 f"teacher {self.name}: shard {shard_index} ({self.store.shards[shard_index].url}) is not finished; "
                 "rerun precompute to complete it"
             )
-        return zarr.open_group(str(path), mode="r")
+        return zarr.open_group(zarr_store(path, read_only=True), mode="r")
 
     def _check_field(self, field: str) -> None:
         if field not in self.fields and field not in (VALID_ARRAY, VIEWS_ARRAY):
@@ -154,7 +155,7 @@ class ShardBlock:
 
 
 class Store:
-    """A kdstore store on local disk (``open_store(path)``)."""
+    """A kdstore store on local disk or object storage (``open_store(path_or_url)``)."""
 
     def __init__(self, path: Path, manifest: StoreManifest) -> None:
         self.path = path
@@ -174,7 +175,7 @@ class Store:
 
     @cached_property
     def _samples(self):
-        table = pq.read_table(layout.samples_path(self.path))
+        table = read_parquet(layout.samples_path(self.path))
         if table.num_rows != self.num_rows:
             raise StoreCorruptError(f"{SAMPLES_FILE} has {table.num_rows} rows, store.json says {self.num_rows}")
         return table
@@ -253,9 +254,10 @@ class Store:
 
 def open_store(path: str | Path) -> Store:
     """Open a store written by ``kdstore precompute``; raises ``InputError`` when there is none."""
-    root = Path(path).expanduser()
+    root = layout.root_of(path)
     try:
-        doc = read_json(layout.store_file(root), STORE_FILE)
+        with remote_errors(f"store {root}"):
+            doc = read_json(layout.store_file(root), STORE_FILE)
     except FileNotFoundError:
         raise InputError(f"{root} is not a kdstore store (no {STORE_FILE}); create one with `kdstore precompute`") from None
     return Store(root, StoreManifest.from_json(doc))

@@ -19,6 +19,7 @@ from webdataset import tariterators
 from webdataset.shardlists import expand_urls as _wds_expand
 
 from kdstore.store.errors import InputError
+from kdstore.store.fs import remote_errors
 
 LABEL_EXTENSIONS = ("cls", "label")
 
@@ -69,7 +70,8 @@ def expand_urls(patterns: Sequence[str] | str) -> list[str]:
 
 def _open(url: str):
     try:
-        return fsspec.open(url, "rb").open()
+        with remote_errors(f"shard {url}"):
+            return fsspec.open(url, "rb").open()
     except FileNotFoundError:
         raise InputError(f"shard {url}: not found") from None
     except OSError as exc:

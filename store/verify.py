@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import zarr
 
 from kdstore.store import layout
+from kdstore.store.fs import zarr_store
 from kdstore.store.inputs import input_problems, shard_urls
 from kdstore.store.reader import Store
 from kdstore.store.schema import ShardInfo
@@ -29,7 +30,7 @@ class VerifyReport:
 def _check_shard_fields(store: Store, name: str, shard: ShardInfo, record) -> Iterable[str]:
     path = layout.shard_array_path(store.path, name, shard.index)
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
     except Exception as exc:  # zarr raises many types for a damaged group
         yield f"teacher {name} shard {shard.index} ({shard.url}): arrays unreadable ({exc})"
         return

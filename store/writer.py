@@ -6,6 +6,12 @@ place, and the parent folder fsynced; the shard's done record is written (and fs
 So a done record on disk implies durable chunks even across a power loss, and a resume
 trusts done records without re-reading checksums. A crash leaves at worst a temporary
 folder that the next run removes.
+
+On object storage (``s3://``, :mod:`kdstore.store.fs`) there is no rename and no fsync: a
+PUT is atomic and durable once it returns. A worker checks its job still holds the lease,
+writes the shard's Zarr group straight to ``shards/SHARD.zarr`` (clearing what a previous
+attempt left there), checks the lease again and PUTs the done record last; readers ignore
+a shard without a done record, so a half-written group is never read.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import zarr
 from kdstore.store import layout
 from kdstore.store.atomic import fsync_dir, fsync_tree, write_json_atomic
 from kdstore.store.inputs import record_url
+from kdstore.store.fs import is_remote, remove_tree, tree_bytes, write_parquet, zarr_store
 from kdstore.store.layout import OFFSETS_SUFFIX, VALID_ARRAY, VIEWS_ARRAY
 from kdstore.store.lock import check_fence
 from kdstore.store.schema import FORMAT_VERSION, DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec
@@ -66,7 +73,9 @@ def write_plan(
     paths_relative_to: str = "store",
 ) -> StoreManifest:
     """Fix every row before any teacher runs: ``samples.parquet`` first, ``store.json`` last."""
-    root.mkdir(parents=True, exist_ok=True)
+    remote = is_remote(root)
+    if not remote:
+        root.mkdir(parents=True, exist_ok=True)
     if paths_relative_to == "store":  # local paths absolute, or relative to the store inside it
         urls = [record_url(u, root) for u in urls]
         input_urls = None if input_urls is None else [record_url(u, root) for u in input_urls]
@@ -84,10 +93,13 @@ def write_plan(
         }
     )
     samples = layout.samples_path(root)
-    tmp = samples.with_name(f".{samples.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    fsync_tree(tmp)
-    os.replace(tmp, samples)
+    if remote:
+        write_parquet(table, samples)
+    else:
+        tmp = samples.with_name(f".{samples.name}.{uuid.uuid4().hex}.tmp")
+        pq.write_table(table, tmp)
+        fsync_tree(tmp)
+        os.replace(tmp, samples)
     manifest = StoreManifest(
         format_version=FORMAT_VERSION,
         kdstore_version=kdstore_version(),
@@ -110,16 +122,14 @@ def clean_partial(root: Path, name: str) -> int:
     """Remove temporary shard folders a crashed run left behind; returns how many."""
     shards_dir = layout.shards_dir(root, name)
     removed = 0
+    if is_remote(root):  # nothing is written under a temporary name there
+        return 0
     if shards_dir.is_dir():
         for entry in shards_dir.iterdir():
             if entry.name.startswith(layout.TMP_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
     return removed
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def write_shard(
@@ -144,10 +154,17 @@ def write_shard(
     The arrays land in ``shards/SHARD.zarr`` via a temp folder and a rename; a previous
     partial folder of the same shard is replaced. Returns the done record written.
     """
+    remote = is_remote(root)
     shards_dir = layout.shards_dir(root, teacher.name)
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    tmp = layout.shard_tmp_path(root, teacher.name, shard.index, uuid.uuid4().hex[:8])
-    group = zarr.open_group(str(tmp), mode="w")
+    final = layout.shard_array_path(root, teacher.name, shard.index)
+    if remote:
+        check_fence(root, fence_token)  # a late worker must not touch a newer job's objects
+        remove_tree(final)
+        tmp = final
+    else:
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        tmp = layout.shard_tmp_path(root, teacher.name, shard.index, uuid.uuid4().hex[:8])
+    group = zarr.open_group(zarr_store(tmp, read_only=False), mode="w")
     specs: dict[str, FieldSpec] = {}
     arrays = dict(fields)
     arrays[VALID_ARRAY] = valid.astype(bool)
@@ -172,16 +189,18 @@ def write_shard(
             shape=tuple(int(d) for d in array.shape[1:]),
             dtype=array.dtype.name,
             sha256=array_sha256(array),
-            nbytes_disk=_dir_bytes(tmp / name),
+            nbytes_disk=tree_bytes(tmp / name),
             ragged=name in ragged_names,
         )
-    final = layout.shard_array_path(root, teacher.name, shard.index)
-    fsync_tree(tmp)  # every chunk durable before the rename that publishes them
-    check_fence(root, fence_token)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(shards_dir)  # the rename itself durable before the done record
+    if remote:
+        check_fence(root, fence_token)
+    else:
+        fsync_tree(tmp)  # every chunk durable before the rename that publishes them
+        check_fence(root, fence_token)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(shards_dir)  # the rename itself durable before the done record
     record = DoneRecord(
         shard=shard.index,
         url=shard.url,

@@ -80,3 +80,13 @@ def minilm_slice():
     from minilm_slice import slice_embeddings
 
     return slice_embeddings()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-protocol server (moto) on loopback, with a bucket; the AWS_* environment points at it."""
+    from s3 import start
+
+    server = start()
+    yield server
+    server.server.stop()

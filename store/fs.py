@@ -1,0 +1,149 @@
+"""Where a store lives: a local folder (``pathlib.Path``) or an fsspec URL (``UPath``).
+
+A store location is parsed once from a string (:func:`store_root`): ``s3://bucket/prefix``
+(``gs://`` by the same fsspec mechanism, untested here) becomes a ``upath.UPath``, whose
+``.fs`` is the fsspec filesystem and ``.path`` the root inside it; ``file://PATH`` and plain
+paths become a ``pathlib.Path`` and keep the local rules exactly (temp file + fsync +
+rename, ``flock``). Everything else in ``kdstore.store`` asks this module how to write:
+
+- metadata JSON and done records: one PUT per object on object storage (a PUT is atomic:
+  a reader sees the old object or the new one, never a part), temp + rename locally;
+- Parquet: ``pyarrow`` through the fsspec filesystem;
+- Zarr groups: ``zarr.storage.FsspecStore`` on object storage, a folder locally.
+
+Credentials and endpoint come from the environment as boto/fsspec users expect
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``
+for an S3-compatible server); Ray actors of a local cluster inherit them from the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kdstore.store.errors import InputError
+from upath import UPath
+
+REMOTE_HINT = (
+    "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS server); "
+    "Ray workers read their own node's environment (docs/CLUSTER.md)"
+)
+
+
+@contextlib.contextmanager
+def remote_errors(what: str) -> Iterator[None]:
+    """Turn botocore's client-side errors (no credentials, unreachable endpoint) into one
+    ``InputError`` line that says what to set."""
+    try:
+        yield
+    except Exception as exc:
+        if any(cls.__name__ == "BotoCoreError" for cls in type(exc).__mro__):
+            raise InputError(f"{what}: {exc}; {REMOTE_HINT}") from None
+        raise
+
+
+NO_CACHE = {"use_listings_cache": False}
+
+
+def is_url(text: Any) -> bool:
+    return isinstance(text, str) and "://" in text
+
+
+def store_root(store: Any) -> Path | UPath:
+    """The root of a store: a ``Path`` for local folders (and ``file://``), a ``UPath`` for URLs.
+
+    ``store`` is a path, a URL string, a ``UPath``, or anything with a ``.path`` (an open ``Store``).
+    """
+    if not isinstance(store, (UPath, Path, str)):
+        store = getattr(store, "path", store)  # an open Store (a UPath's .path is its key, not this)
+    if isinstance(store, UPath):
+        return _local(store.path) if store.protocol in ("", "file", "local") else store
+    if isinstance(store, Path):
+        return store.expanduser()
+    text = os.fspath(store)
+    if is_url(text):
+        if text.startswith("file://"):
+            return _local(text[len("file://") :])
+        # No listing cache: another process (a worker, another job) adds done records and
+        # lease generations, and every listing must see them.
+        return UPath(text.rstrip("/"), **NO_CACHE)
+    return Path(text).expanduser()
+
+
+def _local(path: str) -> Path:
+    return Path(path).expanduser()
+
+
+def is_remote(path: Any) -> bool:
+    """True for a location on object storage (a ``UPath`` that is not a local file)."""
+    return isinstance(path, UPath) and path.protocol not in ("", "file", "local")
+
+
+def get_bytes(path: UPath) -> bytes:
+    """One GET of a whole object. (Not ``open()``: that pins the ETag of a first request, and an
+    object replaced meanwhile, such as a renewed lease, fails the read with ``FileExpired``.)"""
+    return path.fs.cat_file(path.path)
+
+
+def put_bytes(path: UPath, data: bytes) -> None:
+    """One PUT: the object appears whole or not at all."""
+    path.fs.pipe_file(path.path, data)
+
+
+def create_exclusive(path: UPath, data: bytes) -> bool:
+    """Create ``path`` only if no object has that name (a conditional PUT, ``If-None-Match: *``).
+
+    Returns False when it already exists (another writer won).
+    """
+    try:
+        path.fs.pipe_file(path.path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
+def remove_tree(path: Path | UPath) -> None:
+    """Delete a folder / object prefix and everything under it; a missing one is fine."""
+    if is_remote(path):
+        try:
+            path.fs.rm(path.path, recursive=True)
+        except FileNotFoundError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def tree_bytes(path: Path | UPath) -> int:
+    """Bytes stored under a folder / object prefix."""
+    if is_remote(path):
+        return int(path.fs.du(path.path, total=True))
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def zarr_store(path: Path | UPath, *, read_only: bool):
+    """What ``zarr.open_group`` takes for this location: a folder name, or an ``FsspecStore``."""
+    if is_remote(path):
+        import zarr.storage
+
+        # zarr wants an asynchronous filesystem: from_url builds one from the same URL (and env)
+        return zarr.storage.FsspecStore.from_url(str(path), storage_options=NO_CACHE, read_only=read_only)
+    return str(path)
+
+
+def read_parquet(path: Path | UPath):
+    import pyarrow.parquet as pq
+
+    if is_remote(path):
+        return pq.read_table(path.path, filesystem=path.fs)
+    return pq.read_table(path)
+
+
+def write_parquet(table, path: UPath) -> None:
+    """Write a Parquet object in one upload (object storage only; local writes go via a temp file)."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path.path, filesystem=path.fs)
