@@ -10,6 +10,7 @@ store and done records; the loops: one ``.npy`` per shard).
   the main process (all torch threads).
 - ``plain``: the same loop in one process (no workers).
 - ``kdstore``: ``kdstore precompute --workers W`` (W actors, each decodes and runs the teacher).
+- ``kdstore-serial`` (``--sides``): the same with ``KDSTORE_PREFETCH=0``: no reader thread in the actors.
 
 Teachers: the zoo CNN (``kdstore teacher fashion-mnist``) and a linear layer (start-up
 dominates). Both are wrapped (``bench_teachers.py``) to log the time of each forward, which
