@@ -6,9 +6,7 @@ import tarfile
 import threading
 import time
 
-import numpy as np
 import pytest
-
 from kdstore.pipeline import stages
 from kdstore.pipeline.shards import iter_samples, list_shard
 from kdstore.pipeline.teacher import TeacherLoad
@@ -125,6 +123,6 @@ def test_written_shards_are_plain_ustar_and_pax_shards_still_read(tmp_path, make
         for s in iter_samples(str(url)):
             sink.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
     assert b"PaxHeader" in pax.read_bytes()
-    strip = lambda it: [{k: v for k, v in s.items() if k != "__url__"} for s in it]  # noqa: E731
+    strip = lambda it: [{k: v for k, v in s.items() if k != "__url__"} for s in it]
     assert strip(iter_samples(str(pax))) == strip(iter_samples(str(url)))
     assert list_shard(str(pax)).keys == list_shard(str(url)).keys

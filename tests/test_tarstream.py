@@ -6,11 +6,10 @@ import io
 import tarfile
 
 import pytest
-from webdataset import tariterators
-
 from kdstore.store import tarstream
 from kdstore.store.errors import InputError
 from kdstore.store.shards import iter_samples
+from webdataset import tariterators
 
 
 def _tar(path, members, fmt, mode="w"):
@@ -53,7 +52,7 @@ def test_fast_reader_equals_tarfile(tmp_path, fmt):
 def test_compressed_tar_falls_back_and_broken_tars_are_input_errors(tmp_path):
     gz = _tar(tmp_path / "t.tar.gz", MEMBERS, tarfile.PAX_FORMAT, mode="w:gz")
     plain = _tar(tmp_path / "t.tar", MEMBERS, tarfile.PAX_FORMAT)
-    strip = lambda it: [{k: v for k, v in s.items() if k != "__url__"} for s in it]  # noqa: E731
+    strip = lambda it: [{k: v for k, v in s.items() if k != "__url__"} for s in it]
     assert strip(iter_samples(str(gz))) == strip(iter_samples(str(plain)))
     raw = plain.read_bytes()
     short = tmp_path / "short.tar"
