@@ -10,6 +10,7 @@ store and done records; the loops: one ``.npy`` per shard).
   the main process (all torch threads).
 - ``plain``: the same loop in one process (no workers).
 - ``kdstore``: ``kdstore precompute --workers W`` (W actors, each decodes and runs the teacher).
+- ``kdstore-serial`` (``--sides``): the same with ``KDSTORE_PREFETCH=0``: no reader thread in the actors.
 
 Teachers: the zoo CNN (``kdstore teacher fashion-mnist``) and a linear layer (start-up
 dominates). Both are wrapped (``bench_teachers.py``) to log the time of each forward, which
@@ -109,7 +110,10 @@ def run_side(side: str, urls: list[str], teacher: str, weights: str | None, batc
     log.unlink(missing_ok=True)
     urls_file = work / "urls.txt"
     urls_file.write_text("\n".join(urls))
-    if side == "kdstore":
+    env = _env()
+    if side.startswith("kdstore"):
+        if side == "kdstore-serial":  # as before the reader thread: read+decode, then forward, in turn
+            env["KDSTORE_PREFETCH"] = "0"
         cmd = ["kdstore", "precompute", "--store", str(out), "--teacher", f"bench_teachers:{teacher}", "--teacher-name", teacher,
                "--teacher-arg", f"log={log}", "--batch-size", str(batch), "--workers", str(workers), "--no-progress"]
         if teacher == "cnn" and weights:
@@ -121,7 +125,7 @@ def run_side(side: str, urls: list[str], teacher: str, weights: str | None, batc
                str(batch), str(workers if side == "dataloader" else 0)]
     t0 = time.time()
     load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     t_end = time.time()
     if proc.returncode:
         raise SystemExit(f"{side} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -147,7 +151,7 @@ def run_side(side: str, urls: list[str], teacher: str, weights: str | None, batc
 
 
 def _stored_times(out: Path, side: str) -> list[float]:
-    if side == "kdstore":  # done records, one per stored shard
+    if side.startswith("kdstore"):  # done records, one per stored shard
         files = [p for p in out.glob("teachers/*/done/*.json")]
     else:
         files = list(out.glob("*.npy"))
@@ -248,6 +252,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="kdstore actors = DataLoader workers (0: kdstore's auto, min(4, CPUs))")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--teachers", nargs="+", default=["cnn", "linear"], choices=("cnn", "linear"))
+    parser.add_argument("--sides", nargs="+", default=["dataloader", "kdstore", "plain"],
+                        choices=("dataloader", "kdstore", "kdstore-serial", "plain"),
+                        help="kdstore-serial: kdstore without the reader thread (KDSTORE_PREFETCH=0), the state before it")
     parser.add_argument("--investigate", action="store_true", help="only the start-up breakdown")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "precompute.json")
     args = parser.parse_args()
@@ -272,7 +279,7 @@ def main() -> None:
     limits = {t: forward_limit(urls, t, args.weights, args.batch_size) for t in args.teachers}
     runs: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="kdbench-"))
-    sides = ("dataloader", "kdstore", "plain")
+    sides = tuple(args.sides)
     try:
         for rep in range(args.repeats):
             for teacher in args.teachers:

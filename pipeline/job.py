@@ -384,7 +384,10 @@ def _run_locked(cfg, urls, start, fence_token: str) -> PrecomputeResult:
     workers = cfg.workers or _auto_workers(cpus, gpu)
     threads = max(1, int(cpus // workers)) if not cfg.ray_address else None
     Actor = ray.remote(num_cpus=min(1.0, cpus / (workers + 1)), num_gpus=1 if gpu else 0)(ShardProcessor)
-    actors = [Actor.remote(cfg.teacher, num_threads=threads, amp=cfg.amp) for _ in range(workers)]
+    # KDSTORE_PREFETCH: decoded batches each actor's reader thread keeps ready (0: no reader thread;
+    # benchmarks/precompute.py compares both)
+    prefetch = int(os.environ.get("KDSTORE_PREFETCH", "2"))
+    actors = [Actor.remote(cfg.teacher, num_threads=threads, amp=cfg.amp, prefetch=prefetch) for _ in range(workers)]
     try:
         return _run_with_actors(cfg, urls, start, fence_token, actors)
     finally:  # also when planning or the teacher check fails: no actor outlives the job

@@ -12,6 +12,8 @@ input (``kdstore.pipeline.decode.decode_field`` knows the extensions); nothing h
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +144,54 @@ def batched(items: Iterable[tuple[int, str, list[Any]]], batch_size: int) -> Ite
             batch = Batch()
     if batch:
         yield batch
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """The same items in the same order, produced by a background thread up to ``depth`` ahead.
+
+    Put between ``batched`` and ``forward``, it reads and decodes batch *n+1* while the
+    teacher runs batch *n* (tar reading and PIL decode overlap torch's forward, which
+    releases the GIL). An exception raised upstream (a handler's, a changed shard's) is
+    re-raised here, after the items produced before it. Closing this generator early (the
+    forward raised) stops the thread at its next item.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which re-raises it)
+            put((_DONE, exc))
+
+    thread = threading.Thread(target=produce, name="kdstore-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is _DONE:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def forward(

@@ -23,9 +23,12 @@ from kdstore.store.writer import write_shard
 class ShardProcessor:
     """Runs one loaded teacher over whole shards and writes their rows to a store."""
 
-    def __init__(self, load: TeacherLoad, *, num_threads: int | None = None, amp: bool = False) -> None:
+    def __init__(
+        self, load: TeacherLoad, *, num_threads: int | None = None, amp: bool = False, prefetch: int = 2
+    ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
+        self.prefetch = prefetch  # decoded batches a reader thread keeps ready (0: read in the forward's thread)
         self.device = load.device
         self.amp = amp
         # A user error while building the teacher is kept and raised from the first method
@@ -43,6 +46,28 @@ class ShardProcessor:
         if self._load_error:
             raise self._load_error
         return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint, "input_key": self.teacher.input_key}
+
+    def compute(
+        self, spec: TeacherSpec, shard: ShardInfo, keys: list[str], *, batch_size: int, on_error: str, progress: Any = None
+    ) -> tuple[stages.ShardArrays, list[dict]]:
+        """The shard's stored columns (not yet written) and its skipped rows; see :meth:`run_shard`.
+
+        read → preprocess → views → batched run in a reader thread ``self.prefetch`` batches
+        ahead (:func:`stages.prefetch`); forward → reduce → collect in the calling thread.
+        """
+        skipped: list[dict] = []
+        handler = stages.error_handler(on_error, skipped)
+        arrays = stages.ShardArrays(shard=shard, views=spec.views)
+        chain = stages.read(shard, keys)
+        chain = stages.preprocess(chain, self.teacher, shard, handler)
+        chain = stages.views(chain, spec, arrays.params)
+        chain = stages.batched(chain, batch_size)
+        if self.prefetch:
+            chain = stages.prefetch(chain, depth=self.prefetch)
+        chain = stages.forward(chain, self.teacher, device=self.device, amp=self.amp, shard=shard)
+        chain = stages.reduce(chain, spec, shard)
+        stages.collect(chain, arrays, handler, on_batch=None if progress is None else progress.add.remote)
+        return arrays, skipped
 
     def run_shard(
         self,
@@ -63,16 +88,7 @@ class ShardProcessor:
         if self._load_error:
             raise self._load_error
         start = time.perf_counter()
-        skipped: list[dict] = []
-        handler = stages.error_handler(on_error, skipped)
-        arrays = stages.ShardArrays(shard=shard, views=spec.views)
-        chain = stages.read(shard, keys)
-        chain = stages.preprocess(chain, self.teacher, shard, handler)
-        chain = stages.views(chain, spec, arrays.params)
-        chain = stages.batched(chain, batch_size)
-        chain = stages.forward(chain, self.teacher, device=self.device, amp=self.amp, shard=shard)
-        chain = stages.reduce(chain, spec, shard)
-        stages.collect(chain, arrays, handler, on_batch=None if progress is None else progress.add.remote)
+        arrays, skipped = self.compute(spec, shard, keys, batch_size=batch_size, on_error=on_error, progress=progress)
         if not arrays.fields and not arrays.ragged:
             raise InputError(f"shard {shard.url}: every sample failed; first: {skipped[0]['reason'] if skipped else '?'}")
         return write_shard(
