@@ -194,7 +194,7 @@ def _best(runs: dict, score) -> tuple:
 
 
 def stage_tune(b: Bench) -> None:
-    g, e, fe = GRIDS[b.args.grid], b.args.epochs, b.args.full_epochs
+    g, e = GRIDS[b.args.grid], b.args.epochs
     acc = lambda r: r["eval"]["accuracy"]  # noqa: E731
     lo = {k: b.run(f"tune/labels_only/{_lo_name(*k)}", b.doc(split="val", seed=0, losses=[{"kind": "ce"}], epochs=e * k[2],
                                                          lr=k[0], wd=k[1])) for k in g["labels_only"]}
