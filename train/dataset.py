@@ -216,7 +216,8 @@ class StreamingDataset(IterableDataset):
     # ----------------------------------------------------------------- setup checks
 
     def _default_input_key(self) -> str:
-        keys = {t.spec.input_key for t in self.teachers.values() if t.spec.input_key}
+        specs = [t.spec for t in self.teachers.values()] or [self.store.teacher(n).spec for n in self.store.teachers]
+        keys = {s.input_key for s in specs if s.input_key}
         if len(keys) > 1:
             raise InputError(f"teachers read different inputs {sorted(keys)}; set data.input_key")
         return keys.pop() if keys else "png"
