@@ -44,8 +44,7 @@ def build_text_store(tmp: Path, *, shard_size: int, train_shards: int, test_shar
 
 def train(config: str, store: Path, out: Path, seed: int = 0, extra: list = ()) -> dict:
     invoke(["train", CONFIGS / config, "--store", store, "--seed", seed, "--set", f"data.labels_seed={seed}",
-            "--set", f"loss.1.negatives={store / 'negatives' / 'minilm.parquet'}" if "retrieval" in config else
-            "data.max_length=128", *extra, "--out", out, "--overwrite", "--no-progress"])
+            "--set", "data.max_length=128", *extra, "--out", out, "--overwrite", "--no-progress"])
     return json.loads((out / "summary.json").read_text())
 
 

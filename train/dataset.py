@@ -82,32 +82,27 @@ def _mismatch(store: Store, shard: ShardInfo, url: str, detail: str) -> StoreMis
 
 
 class InputCache:
-    """Decoded 8-bit student inputs kept in memory, per shard (``data.cache``).
+    """Decoded 8-bit student images kept in memory, per shard and row (``data.cache``), before the transform.
 
     Holds uint8 copies (``decode_image`` divides 8-bit pixels by 255, so the round trip is
-    exact); a shard whose needed rows are all cached is not opened again. Each DataLoader
-    worker process holds its own copy: use it with ``persistent_workers`` or in-process.
+    exact), one array per row so images of several sizes are cached too; a shard whose needed
+    rows are all cached is not opened again. Each DataLoader worker process holds its own copy:
+    use it with ``persistent_workers`` or in-process.
     """
 
     def __init__(self) -> None:
-        self._images: dict[str, np.ndarray] = {}
-        self._have: dict[str, np.ndarray] = {}
+        self._images: dict[str, list[np.ndarray | None]] = {}
 
     def has_all(self, url: str, rows: np.ndarray) -> bool:
-        have = self._have.get(url)
-        return have is not None and bool(have[rows].all())
+        have = self._images.get(url)
+        return have is not None and all(have[i] is not None for i in rows.tolist())
 
     def get(self, url: str, row: int) -> torch.Tensor:
         return torch.from_numpy(self._images[url][row]).float().div_(255.0)
 
     def put(self, url: str, num_rows: int, row: int, image: torch.Tensor) -> None:
-        if url not in self._images:
-            self._images[url] = np.zeros((num_rows, *image.shape), dtype=np.uint8)
-            self._have[url] = np.zeros(num_rows, dtype=bool)
-        if self._images[url].shape[1:] != tuple(image.shape):
-            return  # images of several sizes in one shard: that row is read from the tar again
-        self._images[url][row] = image.mul(255.0).round_().to(torch.uint8).numpy()
-        self._have[url][row] = True
+        rows = self._images.setdefault(url, [None] * num_rows)
+        rows[row] = image.mul(255.0).round_().to(torch.uint8).numpy()
 
 
 class StreamingDataset(IterableDataset):
