@@ -88,6 +88,8 @@ def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--views", default=0, show_default=True, help="Augmented views per sample (0 = un-augmented input).")
 @click.option("--augment", default="", help="View transforms, e.g. 'rrc:scale=0.5-1,ratio=0.75-1.333;hflip:p=0.5'.")
+@click.option("--transform", default="", help="Image preprocessing before the teacher, recorded and replayed for the student: "
+              "'resize:32;center_crop:28;mode:L' (also normalize:mean=M,std=S). Needed when images differ in size.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the view parameters.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="Ray actors, each loading the teacher once (0 = auto: one per GPU with --device cuda, else min(4, CPUs)).")
@@ -103,7 +105,7 @@ def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...
 @click.option("--no-progress", is_flag=True)
 @user_errors
 def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input_key, layers, outputs, temperature,
-                   dtype, views, augment, seed, batch_size, workers, device, amp, ray_address, on_error, overwrite,
+                   dtype, views, augment, transform, seed, batch_size, workers, device, amp, ray_address, on_error, overwrite,
                    no_progress) -> None:
     """Run a teacher once over WebDataset shards and store its outputs (resumes when rerun)."""
     from kdstore.pipeline.job import PrecomputeConfig, run_precompute
@@ -114,7 +116,7 @@ def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input
         inputs=tuple(inputs),
         teacher=TeacherLoad(factory=factory, name=teacher_name, input_key=input_key, layers=tuple(layers),
                             kwargs=_parse_teacher_args(teacher_arg), device=device),
-        outputs=tuple(outputs), temperature=temperature, dtype=dtype, views=views, augment=augment, seed=seed,
+        outputs=tuple(outputs), temperature=temperature, dtype=dtype, views=views, augment=augment, transform=transform, seed=seed,
         batch_size=batch_size, workers=workers, ray_address=ray_address, on_error=on_error, overwrite=overwrite,
         amp=amp, progress=not no_progress,
     )

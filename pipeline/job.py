@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from kdstore.pipeline.augment import AugmentSpec
 from kdstore.pipeline.teacher import TeacherLoad, load_factory
+from kdstore.pipeline.transform import TransformSpec
 from kdstore.pipeline.worker import ShardProcessor
 from kdstore.store import layout
 from kdstore.store.atomic import read_json
@@ -56,6 +57,7 @@ class PrecomputeConfig:
     dtype: str = "float16"
     views: int = 0
     augment: str = ""
+    transform: str = ""  # kdstore.pipeline.transform text, applied to each image before the teacher
     seed: int = 0
     batch_size: int = 256
     workers: int = 0  # 0 = auto: one per GPU on cuda, else up to 4 (PNG decoding is serial per worker)
@@ -73,6 +75,7 @@ class PrecomputeConfig:
         for text in self.outputs:
             OutputSpec.parse(text)
         AugmentSpec.parse(self.augment)
+        TransformSpec.parse(self.transform)
         checks = [
             (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
@@ -228,6 +231,7 @@ def _teacher_spec(cfg: PrecomputeConfig, described: dict) -> TeacherSpec:
         dtype=cfg.dtype,
         views=cfg.views,
         augment=AugmentSpec.parse(cfg.augment).to_text(),
+        transform=TransformSpec.parse(cfg.transform).to_text(),
         seed=cfg.seed,
         layers=cfg.teacher.layers,
         factory_args=json.loads(json.dumps(dict(cfg.teacher.kwargs), default=str)),  # as recorded in JSON

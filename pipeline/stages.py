@@ -24,6 +24,7 @@ import torch
 from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
 from kdstore.pipeline.reduce import bad_rows, reduce_outputs
 from kdstore.pipeline.teacher import Teacher
+from kdstore.pipeline.transform import TransformSpec
 from kdstore.store.errors import InputError, KdStoreError, TeacherOutputError
 from kdstore.store.schema import ShardInfo, TeacherSpec
 from kdstore.store.shards import iter_samples
@@ -98,12 +99,19 @@ def read(shard: ShardInfo, keys: list[str]) -> Iterator[tuple[int, str, dict]]:
 
 
 def preprocess(
-    samples: Iterable[tuple[int, str, dict]], teacher: Teacher, shard: ShardInfo, handler: Handler
+    samples: Iterable[tuple[int, str, dict]], teacher: Teacher, shard: ShardInfo, handler: Handler,
+    transform: TransformSpec | None = None,
 ) -> Iterator[tuple[int, str, Any]]:
-    """``(row, key, model input)``; a sample the teacher cannot read goes to ``handler``."""
+    """``(row, key, model input)``; a sample the teacher cannot read goes to ``handler``.
+
+    ``transform`` (``--transform``, recorded as ``TeacherSpec.transform``) is applied to the
+    teacher's decoded image ``[C, H, W]`` before views and batching.
+    """
     for row, key, sample in samples:
         try:
             x = teacher.preprocess(sample)
+            if transform:
+                x = transform(x)
         except KdStoreError as exc:
             handler(SampleError(shard, row, key, str(exc)))
             continue
@@ -220,7 +228,8 @@ def forward(
 
 # The way out for images of different sizes in one batch; the one place to update when
 # kdstore gains a resize transform.
-SIZE_HINT = "resize them when writing shards, or pass a teacher that accepts variable sizes"
+SIZE_HINT = ("give them one size and mode with --transform (e.g. --transform 'resize:32;center_crop:28;mode:L'), "
+             "or pass a teacher that accepts variable sizes")
 
 
 def _size(shape: tuple[int, ...], channels_differ: bool) -> str:

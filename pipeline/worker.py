@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from kdstore.pipeline import stages
+from kdstore.pipeline.transform import TransformSpec
 from kdstore.pipeline.teacher import TeacherLoad  # noqa: F401  (re-exported: it used to live here)
 from kdstore.store import layout
 from kdstore.store.errors import InputError, KdStoreError
@@ -59,7 +60,7 @@ class ShardProcessor:
         handler = stages.error_handler(on_error, skipped)
         arrays = stages.ShardArrays(shard=shard, views=spec.views)
         chain = stages.read(shard, keys)
-        chain = stages.preprocess(chain, self.teacher, shard, handler)
+        chain = stages.preprocess(chain, self.teacher, shard, handler, TransformSpec.parse(spec.transform))
         chain = stages.views(chain, spec, arrays.params)
         chain = stages.batched(chain, batch_size)
         if self.prefetch:

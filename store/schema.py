@@ -222,6 +222,7 @@ class TeacherSpec:
     seed: int = 0
     layers: tuple[str, ...] = ()
     factory_args: dict[str, Any] = field(default_factory=dict)
+    transform: str = ""  # image preprocessing before the teacher (kdstore.pipeline.transform); "" = none
 
     def __post_init__(self) -> None:
         # Text is accepted when building a spec by hand; each output carries the temperature.
@@ -268,6 +269,7 @@ class TeacherSpec:
             seed=int(doc.get("seed", 0)),
             layers=tuple(doc.get("layers", ())),
             factory_args=dict(doc.get("factory_args", {})),
+            transform=doc.get("transform", ""),
         )
 
     def differences(self, other: "TeacherSpec") -> list[str]:
@@ -278,7 +280,7 @@ class TeacherSpec:
         Teacher whose outputs depend on an argument folds it into its fingerprint (the
         MiniLM teacher does so with ``max_seq_length``).
         """
-        keys = ("fingerprint", "input_key", "outputs", "temperature", "dtype", "views", "augment", "seed")
+        keys = ("fingerprint", "input_key", "outputs", "temperature", "dtype", "views", "augment", "seed", "transform")
         return [k for k in keys if getattr(self, k) != getattr(other, k)]
 
 

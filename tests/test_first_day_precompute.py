@@ -141,7 +141,7 @@ def test_mixed_sizes_and_wrong_channels_are_one_line(tmp_path):
     line = _one_line(_cli("precompute", "--store", str(tmp_path / "a"), "-i", str(tmp_path / "mixed" / "m-*.tar"),
                           "--teacher", CNN, *common))
     assert line.startswith(f"error: images in shard {mixed} have sizes 28x28 (key 'img_000') and 32x32 (key 'img_003')")
-    assert "resize them when writing shards, or pass a teacher that accepts variable sizes" in line
+    assert "give them one size and mode with --transform" in line
     gray = _write_images(tmp_path / "gray" / "g-000000.tar", [(28, 28)] * 4)
     line = _one_line(_cli("precompute", "--store", str(tmp_path / "b"), "-i", str(gray),
                           "--teacher", "kd_test_teachers:rgb_cnn", *common))

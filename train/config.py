@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdstore.pipeline.transform import TransformSpec
 from kdstore.store.errors import InputError
 from kdstore.train.labels import LabelsSpec
 from kdstore.train.objective import KINDS, LOSS_KINDS, check_term, check_terms, term_fields
 
 __all__ = ["LOSS_KINDS", "Config", "DataConfig", "LabelsSpec", "LossConfig", "ModelConfig", "OnlineConfig", "OptimConfig",
            "TrainConfig", "apply_overrides", "load_config", "parse_config", "read_config_file"]
-ARCHS = ("mlp", "cnn")
+ARCHS = ("mlp", "cnn", "bag", "text_transformer")
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -50,8 +51,14 @@ class DataConfig:
     workers: int = 0
     cache: bool = False
     verify_inputs: str = "full"
+    transform: str = "store"  # images: "store" (the teacher's recorded --transform), "none", or a transform
+    tokenizer: str = ""  # text: "minilm" or a tokenizer.json path; "" = the teacher's (MiniLM)
+    max_length: int = 128  # text: tokens per document, at most
 
     def __post_init__(self) -> None:
+        _check(self.max_length >= 2, "data.max_length must be >= 2")
+        if self.transform not in ("store", "none"):
+            TransformSpec.parse(self.transform)  # raises naming the bad step
         _check(self.batch_size > 0, "data.batch_size must be > 0")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1 (1 = no shuffling within a shard)")
         _check(self.workers >= 0, "data.workers must be >= 0")

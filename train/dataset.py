@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,97 +28,20 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
-from kdstore.pipeline.decode import decode_field
 from kdstore.store.errors import InputError, StoreMismatchError
-from kdstore.store.hashing import mix64 as mix64_
 from kdstore.store.inputs import check_inputs, mismatch_error, missing_local, moved_error, shard_urls
 from kdstore.store.layout import VIEWS_ARRAY
 from kdstore.store.reader import Store, open_store
 from kdstore.store.schema import ShardInfo
 from kdstore.store.shards import expand_urls, iter_samples
+from kdstore.train.inputs import STORE_TRANSFORM, InputSpec, stack_inputs
 from kdstore.train.labels import LabelsSpec, labeled_mask  # noqa: F401 (labeled_mask: re-exported)
+from kdstore.train.plan import (  # noqa: F401 (re-exported: they used to live here)
+    Segment, SlotPlan, mix64, shard_order, shuffle_order, split_contiguous,
+)
 
 # Online augmentation of epoch e draws view index ONLINE_VIEW_BASE - e: disjoint from the stored 0..V-1.
 ONLINE_VIEW_BASE = -1
-
-
-# --------------------------------------------------------------------------- planning (pure)
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows ``rows`` (local indices, ascending) of one store shard, read in one pass."""
-
-    shard: ShardInfo
-    url: str
-    rows: np.ndarray
-
-
-@dataclass(frozen=True)
-class SlotPlan:
-    """What one (rank, worker) slot yields in one epoch: ``order`` indexes the concatenated
-    segment rows; ``pads`` blank items follow them."""
-
-    segments: tuple[Segment, ...]
-    order: np.ndarray
-    pads: int
-
-    @property
-    def num_items(self) -> int:
-        return len(self.order) + self.pads
-
-
-def shard_order(num_shards: int, seed: int, epoch: int | None) -> np.ndarray:
-    """``[num_shards]`` int64: the seeded shard permutation of ``epoch`` (natural order when None)."""
-    if epoch is None:
-        return np.arange(num_shards)
-    return np.random.default_rng([int(seed), int(epoch), 0x5A4D]).permutation(num_shards)
-
-
-def split_contiguous(lengths: Sequence[int], slots: int) -> list[list[tuple[int, int, int]]]:
-    """Cut the concatenation of ``lengths`` into ``slots`` contiguous parts of near-equal size.
-
-    Returns per slot a list of ``(segment_index, start, stop)`` pieces.
-    """
-    total = int(sum(lengths))
-    bounds = [total * s // slots for s in range(slots + 1)]
-    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    parts: list[list[tuple[int, int, int]]] = []
-    for s in range(slots):
-        lo, hi = bounds[s], bounds[s + 1]
-        pieces = []
-        for i, length in enumerate(lengths):
-            a, b = max(lo, starts[i]), min(hi, starts[i] + length)
-            if a < b:
-                pieces.append((i, int(a - starts[i]), int(b - starts[i])))
-        parts.append(pieces)
-    return parts
-
-
-def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
-    """``[n]`` int64: the order a shuffle buffer of ``buffer_size`` yields items ``0..n-1`` in.
-
-    Item ``t`` of the output was read at most ``buffer_size`` items earlier, so a reader
-    holds at most ``buffer_size + 1`` items at once.
-    """
-    out = np.empty(n, dtype=np.int64)
-    if buffer_size <= 1 or n <= 1:
-        out[:] = np.arange(n)
-        return out
-    buf = list(range(min(buffer_size, n)))
-    picks = rng.integers(0, len(buf), size=max(0, n - len(buf)))
-    for t, item in enumerate(range(len(buf), n)):
-        j = picks[t]
-        out[t] = buf[j]
-        buf[j] = item
-    tail = n - len(buf)
-    out[tail:] = np.asarray(buf, dtype=np.int64)[rng.permutation(len(buf))]
-    return out
-
-
-def mix64(*parts: np.ndarray | int) -> np.ndarray:
-    """splitmix64 over the given integers (broadcast): a cheap, stable per-row hash."""
-    return mix64_(*parts)
 
 
 # --------------------------------------------------------------------------- inputs vs store
@@ -164,38 +86,35 @@ def _mismatch(store: Store, shard: ShardInfo, url: str, detail: str) -> StoreMis
 
 
 class InputCache:
-    """Decoded 8-bit student inputs kept in memory, per shard (``data.cache``).
+    """Decoded 8-bit student images kept in memory, per shard and row (``data.cache``), before the transform.
 
     Holds uint8 copies (``decode_image`` divides 8-bit pixels by 255, so the round trip is
-    exact); a shard whose needed rows are all cached is not opened again. Each DataLoader
-    worker process holds its own copy: use it with ``persistent_workers`` or in-process.
+    exact), one array per row so images of several sizes are cached too; a shard whose needed
+    rows are all cached is not opened again. Each DataLoader worker process holds its own copy:
+    use it with ``persistent_workers`` or in-process.
     """
 
     def __init__(self) -> None:
-        self._images: dict[str, np.ndarray] = {}
-        self._have: dict[str, np.ndarray] = {}
+        self._images: dict[str, list[np.ndarray | None]] = {}
 
     def has_all(self, url: str, rows: np.ndarray) -> bool:
-        have = self._have.get(url)
-        return have is not None and bool(have[rows].all())
+        have = self._images.get(url)
+        return have is not None and all(have[i] is not None for i in rows.tolist())
 
     def get(self, url: str, row: int) -> torch.Tensor:
         return torch.from_numpy(self._images[url][row]).float().div_(255.0)
 
     def put(self, url: str, num_rows: int, row: int, image: torch.Tensor) -> None:
-        if url not in self._images:
-            self._images[url] = np.zeros((num_rows, *image.shape), dtype=np.uint8)
-            self._have[url] = np.zeros(num_rows, dtype=bool)
-        if self._images[url].shape[1:] != tuple(image.shape):
-            return  # images of several sizes in one shard: that row is read from the tar again
-        self._images[url][row] = image.mul(255.0).round_().to(torch.uint8).numpy()
-        self._have[url][row] = True
+        rows = self._images.setdefault(url, [None] * num_rows)
+        rows[row] = image.mul(255.0).round_().to(torch.uint8).numpy()
 
 
 class StreamingDataset(IterableDataset):
     """Samples ``{"input", "label", "targets", "row", "key", "valid", "pad", "view"}`` of one epoch.
 
-    - ``input``: float32 tensor ``[C, H, W]`` (the stored view's crop/flip applied when the store has views);
+    - ``input``: the decoded member (:mod:`kdstore.train.inputs`): image float32 ``[C, H, W]`` after the
+      transform (the store's recorded one by default) and the stored view's crop/flip when the store
+      has views; text int64 ``[len]`` token ids + 1; array float32;
     - ``label``: int, -1 when the row is outside the labelled subset or has no label;
     - ``targets[teacher][field]``: the stored row as numpy (view axis resolved, stored dtype),
       plus ``targets[teacher]["valid"]`` (bool);
@@ -219,6 +138,8 @@ class StreamingDataset(IterableDataset):
             its targets; a row cycles through its views from a seeded start, one per epoch.
             False: un-augmented inputs, targets keep their ``[V]`` axis (evaluation).
         augment: fresh seeded augmentation per epoch (online KD); exclusive with stored views.
+        transform: image preprocessing before views: ``"store"`` (the teachers' recorded
+            ``--transform``), ``"none"``, or a transform text. tokenizer / max_length: for text inputs.
         rank / world_size: default from ``torch.distributed`` when initialised.
         loader_workers / loader_batch_size: the DataLoader's ``num_workers`` and ``batch_size``;
             needed for :meth:`batches_per_rank` and mid-epoch resume (None: not checked).
@@ -233,6 +154,9 @@ class StreamingDataset(IterableDataset):
         inputs: Sequence[str] = (),
         inputs_root: str | None = None,
         input_key: str = "",
+        transform: str = STORE_TRANSFORM,
+        tokenizer: str = "",
+        max_length: int = 128,
         labels: LabelsSpec | str = "all",
         labels_seed: int = 0,
         only_labeled: bool = False,
@@ -254,12 +178,21 @@ class StreamingDataset(IterableDataset):
         self.fields = {name: list(f) for name, f in (fields or {}).items()}
         self.teachers = {name: self.store.teacher(name) for name in self.fields}
         self.input_key = input_key or self._default_input_key()
+        # The teachers read (or, with none read, all of the store's) decide the default preprocessing.
+        specs = [t.spec for t in self.teachers.values()] or [
+            spec for spec in (self.store.teacher(n).spec for n in self.store.teachers)
+            if spec.input_key in ("", self.input_key)]
+        self.input_spec = InputSpec.resolve(self.input_key, teacher_specs=specs, transform=transform,
+                                            tokenizer=tokenizer, max_length=max_length)
+        self.decoder = self.input_spec.decoder()
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, int(shuffle_buffer), int(seed)
         self.only_labeled = only_labeled
         self.labeled = labeled_mask(self.store, self.shards, LabelsSpec.parse(labels), labels_seed)
         self.views = self._check_views()
         self.replay = bool(replay_views and self.views)
         self.augment = AugmentSpec.parse(augment) if augment else None
+        if (self.augment or self.replay) and self.input_spec.kind != "image":
+            raise InputError(f"views and augmentation apply to images; {self.input_key!r} is {self.input_spec.kind}")
         if self.augment and self.replay:
             raise InputError("fresh augmentation (online) and stored views cannot both apply; use a store without views")
         if rank is None or world_size is None:
@@ -270,6 +203,8 @@ class StreamingDataset(IterableDataset):
         self.loader_workers = None if loader_workers is None else int(loader_workers)
         self.loader_batch_size = int(loader_batch_size)
         self.cache = InputCache() if cache is True else (cache or None)
+        if self.input_spec.kind != "image":
+            self.cache = None  # the cache holds 8-bit images
         self.urls = resolve_inputs(self.store, inputs, inputs_root)
         missing = [s.url for s in self.shards if s.index not in self.urls]
         if missing:
@@ -286,7 +221,8 @@ class StreamingDataset(IterableDataset):
     # ----------------------------------------------------------------- setup checks
 
     def _default_input_key(self) -> str:
-        keys = {t.spec.input_key for t in self.teachers.values() if t.spec.input_key}
+        specs = [t.spec for t in self.teachers.values()] or [self.store.teacher(n).spec for n in self.store.teachers]
+        keys = {s.input_key for s in specs if s.input_key}
         if len(keys) > 1:
             raise InputError(f"teachers read different inputs {sorted(keys)}; set data.input_key")
         return keys.pop() if keys else "png"
@@ -311,6 +247,13 @@ class StreamingDataset(IterableDataset):
             for f in self.fields[name]:
                 if f not in t.fields:
                     raise InputError(f"teacher {name} has no field {f!r}; it has {sorted(t.fields)}")
+
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample student input shape (first sample of the first shard; text: ``TextShape``)."""
+        shard = self.shards[0]
+        for sample in iter_samples(self.urls[shard.index]):
+            return self.decoder.shape(self.decoder(sample))
+        raise InputError(f"shard {self.urls[shard.index]} is empty")
 
     # ----------------------------------------------------------------- planning
 
@@ -430,7 +373,7 @@ class StreamingDataset(IterableDataset):
         if self.replay:
             params = next(iter(self.teachers.values())).read(VIEWS_ARRAY, absolute)
         keys = self.store.keys
-        for i, image in self._images(seg, rows):
+        for i, image in self._inputs(seg, rows):
             row = shard.row_start + i
             j = i - lo
             view = -1
@@ -466,12 +409,13 @@ class StreamingDataset(IterableDataset):
                 "view": view,
             }
 
-    def _images(self, seg: Segment, rows: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(local_row, image [C, H, W])`` for ``rows`` of the segment's shard, from the cache or the tar."""
-        shard, cache = seg.shard, self.cache
+    def _inputs(self, seg: Segment, rows: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(local_row, input)`` for ``rows`` of the segment's shard, from the cache (images before
+        their transform) or the tar."""
+        shard, cache, decoder = seg.shard, self.cache, self.decoder
         if cache is not None and cache.has_all(seg.url, rows):
             for i in rows.tolist():
-                yield i, cache.get(seg.url, i)
+                yield i, decoder.finish(cache.get(seg.url, i))
             return
         keys = self.store.keys
         wanted = set(rows.tolist())
@@ -484,12 +428,10 @@ class StreamingDataset(IterableDataset):
                 detail = f"sample {i} is {got!r}, expected {expected!r}"
                 raise _mismatch(self.store, shard, seg.url, detail)
             if i in wanted:
-                image = decode_field(sample, self.input_key)
-                if not isinstance(image, torch.Tensor):
-                    raise InputError(f"data.input_key {self.input_key!r} is not an image; the trainer streams images")
+                x = decoder.raw(sample)
                 if cache is not None:
-                    cache.put(seg.url, shard.num_rows, i, image)
-                yield i, image
+                    cache.put(seg.url, shard.num_rows, i, x)
+                yield i, decoder.finish(x)
             if i >= last:
                 return
         detail = f"it ends after {i + 1} samples, the store has {shard.num_rows}"
@@ -516,7 +458,9 @@ def collate(items: list[dict]) -> dict:
     out: dict = {}
     for key, first in items[0].items():
         values = [item[key] for item in items]
-        if isinstance(first, dict):
+        if key == "input" and isinstance(first, torch.Tensor):
+            out.update(stack_inputs(values))  # pads token ids, adds input_mask
+        elif isinstance(first, dict):
             out[key] = collate(values)
         elif isinstance(first, torch.Tensor):
             out[key] = torch.stack(values)

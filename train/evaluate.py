@@ -42,6 +42,7 @@ def eval_dataset(store: Store, d: DataConfig, teacher: str | None, cache: InputC
             fields = {teacher: [logits_field()]}
     return StreamingDataset(store, shards=d.eval_shards, fields=fields, inputs=d.inputs,
                             inputs_root=d.inputs_root or None, input_key=d.input_key,
+                            transform=d.transform, tokenizer=d.tokenizer, max_length=d.max_length,
                             labels="all", shuffle=False, replay_views=False, rank=0, world_size=1,
                             loader_workers=0, loader_batch_size=d.batch_size, cache=cache, verify=verify)
 

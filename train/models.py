@@ -76,7 +76,11 @@ def build_student(arch: str, input_shape: Sequence[int], num_classes: int, *, hi
         if len(input_shape) != 3:
             raise InputError(f"model.arch cnn needs image inputs [C, H, W], got {tuple(input_shape)}")
         return tiny_cnn(input_shape, width, num_classes, dual_head)
-    raise InputError(f"model.arch must be mlp or cnn, got {arch!r}")
+    from kdstore.train.text_models import TEXT_ARCHS, build_text_student  # text presets (train/text_models.py)
+
+    if arch in TEXT_ARCHS:
+        return build_text_student(arch, input_shape, num_classes, hidden=hidden, dual_head=dual_head)
+    raise InputError(f"model.arch must be mlp, cnn, bag or text_transformer, got {arch!r}")
 
 
 class FeatureTap:

@@ -28,8 +28,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from kdstore.pipeline.decode import decode_field
-from kdstore.pipeline.shards import iter_samples
 from kdstore.store.errors import InputError
 from kdstore.store.reader import open_store
 from kdstore.store.schema import write_json_atomic
@@ -71,16 +69,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
-
-
-def first_input_shape(url: str, input_key: str) -> tuple[int, ...]:
-    """``[C, H, W]`` of the first sample of a shard (decoded once, at setup)."""
-    for sample in iter_samples(url):
-        x = decode_field(sample, input_key)
-        if not isinstance(x, Tensor):
-            raise InputError(f"data.input_key {input_key!r} is not an image; the trainer streams images")
-        return tuple(x.shape)
-    raise InputError(f"shard {url} is empty")
 
 
 @dataclass
@@ -137,6 +125,7 @@ class Recipe:
         self.train_set = StreamingDataset(
             self.store, shards=d.train_shards, fields=need, inputs=d.inputs, inputs_root=d.inputs_root or None,
             input_key=d.input_key,
+            transform=d.transform, tokenizer=d.tokenizer, max_length=d.max_length,
             labels=d.labels, labels_seed=d.labels_seed, only_labeled=d.only_labeled, shuffle=True,
             shuffle_buffer=d.shuffle_buffer, seed=cfg.train.seed,
             augment=cfg.online.augment if cfg.online.enabled else "",
@@ -145,8 +134,7 @@ class Recipe:
         )
         self.eval_set = self._eval_set(cache) if d.eval_shards else None
         self.num_classes = self._num_classes()
-        shard0 = self.train_set.shards[0]
-        self.input_shape = first_input_shape(self.train_set.urls[shard0.index], self.train_set.input_key)
+        self.input_shape = self.train_set.input_shape()
         teacher_shapes = {name: {f: spec.shape[1:] if self.store.teacher(name).views else spec.shape
                                  for f, spec in self.store.teacher(name).fields.items()}
                           for name in cfg.teachers()}
