@@ -430,8 +430,10 @@ def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> Precom
         while queue or pending:
             while queue and idle:
                 actor, shard = idle.pop(), queue.pop(0)
+                # a worker's working directory may differ from the driver's: give it an absolute path or the URL
+                root = str(cfg.store) if is_remote(cfg.store) else os.path.abspath(cfg.store)
                 ref = actor.run_shard.remote(
-                    os.path.abspath(cfg.store), spec, replace(shard, url=urls[shard.index]), list(keys[shard.row_start : shard.row_stop]),
+                    root, spec, replace(shard, url=urls[shard.index]), list(keys[shard.row_start : shard.row_stop]),
                     batch_size=cfg.batch_size, on_error=cfg.on_error, fence_token=fence_token, progress=progress,
                 )
                 pending[ref] = (actor, shard)
