@@ -12,6 +12,7 @@ import webdataset as wds
 from click.testing import CliRunner
 
 from kdstore.cli.main import main
+from lm_fixture import build_lm, precompute
 from kdstore.pipeline.lm_corpus import read_npy
 from kdstore.pipeline.lm_teacher import load_lm
 from kdstore.pipeline.token_reduce import sample_tokens
@@ -28,38 +29,18 @@ from kdstore.store.schema import (
     tokens_field,
 )
 
-TINY = ["--steps", "4", "--batch-size", "4", "--context", "32", "--depth", "1", "--width", "32", "--heads", "2",
-        "--vocab-size", "512", "--limit", "60"]
 T = 2.0
 K, S, SEED = 8, 12, 5
-FACTORY = "kdstore.pipeline.lm_teacher:gpt"
+OUTPUTS = (f"tokens:topk:{K}", f"tokens:sample:{S}", "tokens:ids")
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lmp")
-    teacher = root / "teacher"
-    result = CliRunner().invoke(main, ["lm-teacher", str(teacher), *TINY])
-    assert result.exit_code == 0, result.output
-    shards = root / "shards"
-    result = CliRunner().invoke(main, ["lm-shards", str(shards), "--tokenizer", str(teacher / "tokenizer.json"),
-                                       "--seq-len", "24", "--samples-per-shard", "7", "--limit", "6",
-                                       "--split", "heldout"])
-    assert result.exit_code == 0, result.output
-    tars = sorted(shards.glob("heldout-*.tar"))
-    assert len(tars) >= 3
-    return teacher, tars[:3]
+    return build_lm(tmp_path_factory.mktemp("lmp"))
 
 
-def _precompute(store, teacher, tars, *extra):
-    args = ["precompute", "--store", str(store), "--teacher", FACTORY, "--teacher-arg", f"path={teacher}",
-            "--teacher-name", "gpt", "--output", f"tokens:topk:{K}", "--output", f"tokens:sample:{S}",
-            "--output", "tokens:ids", "--temperature", str(T), "--seed", str(SEED), "--batch-size", "3",
-            "--workers", "1", "--no-progress", *extra]
-    for t in tars:
-        args += ["--inputs", str(t)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+def _precompute(store, teacher, tars):
+    precompute(store, teacher, tars, OUTPUTS, temperature=T, seed=SEED)
     return open_store(store)
 
 

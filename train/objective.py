@@ -208,6 +208,10 @@ KINDS: dict[str, LossKind] = {k.name: k for k in (
              required=(("negatives", "name the mined negatives (negatives = \"NAME\", "
                                      "from `kdstore mine --name NAME`)"),)),
 )}
+# Token-level kinds (LM students; train/objective_tokens.py), kept in their own module.
+from kdstore.train.objective_tokens import token_kinds  # noqa: E402
+
+KINDS.update({k.name: k for k in token_kinds(LossKind)})
 LOSS_KINDS = tuple(KINDS)
 DEFAULT_TEMPERATURE = 1.0
 
