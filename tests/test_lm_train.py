@@ -3,6 +3,7 @@ through the trainer (`kdstore train` with model.arch = "gpt"), checked against h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -179,4 +180,9 @@ teacher = "gpt"
     # the stored temperature is used; another one is refused
     with pytest.raises(InputError, match="differs from the temperature"):
         run_lm(_config(store_path, tmp_path / "y", [{"kind": "token_topk_kd", "teacher": "gpt", "temperature": 1.0}]))
+    from kdstore.train.recipe import run
+
+    mlp = _config(store_path, tmp_path / "z", [{"kind": "token_ce"}])
+    with pytest.raises(InputError, match="arch"):
+        run(mlp.replace(model=dataclasses.replace(mlp.model, arch="mlp")))
     shutil.rmtree(tmp_path / "cli")
