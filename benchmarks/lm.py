@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
-
 from kdstore.cli.main import main
 from kdstore.pipeline.lm_model import GPT, GPTConfig
 from kdstore.pipeline.lm_teacher import load_lm

@@ -10,9 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 from click.testing import CliRunner
-
 from kdstore.cli.main import main
-from lm_fixture import build_lm, precompute
 from kdstore.pipeline.lm_corpus import read_npy
 from kdstore.pipeline.lm_teacher import load_lm
 from kdstore.pipeline.token_reduce import sample_tokens
@@ -28,6 +26,7 @@ from kdstore.store.schema import (
     OutputSpec,
     tokens_field,
 )
+from lm_fixture import build_lm, precompute
 
 T = 2.0
 K, S, SEED = 8, 12, 5

@@ -12,7 +12,6 @@ import pytest
 import torch
 import webdataset as wds
 from click.testing import CliRunner
-
 from kdstore.cli.main import main
 from kdstore.pipeline.lm_corpus import read_npy
 from kdstore.pipeline.lm_model import GPT, GPTConfig
@@ -76,7 +75,7 @@ def test_batches_join_store_and_token_shards(lm_store):
     assert packed[TOKENS_TOPK_IDS].dtype == torch.int64 and packed[TOKENS_TOPK_IDS][0, 3:].sum() == 0
     # a seeded epoch shuffles but keeps every row once
     shuffled = list(lm_batches(store, "gpt", FIELDS, batch_size=5, eos_id=eos, epoch=1, seed=4))
-    key = lambda x: tuple(x.tolist())  # noqa: E731
+    key = lambda x: tuple(x.tolist())
     assert sorted(key(r) for b in shuffled for r in b["ids"]) == sorted(key(torch.from_numpy(i)) for i, _, _ in want_rows)
 
 
@@ -124,7 +123,7 @@ def _hand(logits, batch, eos):
             c = batch[TOKENS_SAMPLE_COUNTS][i, t].double()
             sid = batch[TOKENS_SAMPLE_IDS][i, t]
             samp.append(-(c / c.sum() * q[sid].log()).sum())
-    mean = lambda xs: float(torch.stack(xs).mean())  # noqa: E731
+    mean = lambda xs: float(torch.stack(xs).mean())
     return {"token_ce": mean(ce), "token_topk_kd": mean(topk) * T * T, "token_sampled_kd": mean(samp) * T * T}
 
 

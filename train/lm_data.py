@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from kdstore.pipeline.lm_model import kd_mask, next_token_targets
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.layout import VALID_ARRAY

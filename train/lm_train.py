@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from kdstore.pipeline.lm_model import GPT, GPTConfig
 from kdstore.store.errors import InputError
 from kdstore.store.reader import Store, open_store
@@ -77,7 +76,7 @@ def evaluate_lm(model: GPT, store: Store, shards, *, eos_id: int, batch_size: in
     which = torch.clamp((conf * bins).long(), max=bins - 1)
     ece = sum(float((which == b).sum()) * abs(float(hit[which == b].mean()) - float(conf[which == b].mean()))
               for b in range(bins) if bool((which == b).any())) / len(conf)
-    return {"ce": float(nll.mean()), "acc": float(hit.mean()), "ece": ece, "tokens": int(len(nll))}
+    return {"ce": float(nll.mean()), "acc": float(hit.mean()), "ece": ece, "tokens": len(nll)}
 
 
 def run_lm(cfg: Config, *, on_step: Callable[[int, dict], Any] | None = None) -> dict:

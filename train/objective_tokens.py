@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import Tensor
-
 from kdstore.store.schema import OutputSpec
 from kdstore.train import losses_tokens as LT
+from torch import Tensor
 
 if TYPE_CHECKING:
     from kdstore.train.config import LossConfig

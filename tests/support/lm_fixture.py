@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from kdstore.cli.main import main
 
 TINY = ["--steps", "4", "--batch-size", "4", "--context", "32", "--depth", "1", "--width", "32", "--heads", "2",
