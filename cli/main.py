@@ -83,14 +83,14 @@ def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...
 @click.option("--input-key", default=None, help="Sample field the teacher reads (plain modules: default png).")
 @click.option("--layer", "layers", multiple=True, help="Module layer to capture with a forward hook (for features:/embedding:). Repeatable.")
 @click.option("--output", "-o", "outputs", multiple=True, default=("logits",), show_default=True,
-              help="logits | topk:K | features:LAYER[:none|mean|flatten] | embedding[:LAYER][:l2] | scores | tokens:NAME (a teacher's per-token output). Repeatable.")
-@click.option("--temperature", default=1.0, show_default=True, help="Temperature for the top-k residual mass (recorded).")
+              help="logits | topk:K | features:LAYER[:none|mean|flatten] | embedding[:LAYER][:l2] | scores | tokens:NAME (a teacher's per-token output) | tokens:topk:K | tokens:sample:S (per-token top-k / RS-KD draws of tokens/logits at --temperature, draws seeded by --seed). Repeatable.")
+@click.option("--temperature", default=1.0, show_default=True, help="Temperature for the top-k residual mass and the per-token reduce ops (recorded).")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--views", default=0, show_default=True, help="Augmented views per sample (0 = un-augmented input).")
 @click.option("--augment", default="", help="View transforms, e.g. 'rrc:scale=0.5-1,ratio=0.75-1.333;hflip:p=0.5'.")
 @click.option("--transform", default="", help="Image preprocessing before the teacher, recorded and replayed for the student: "
               "'resize:32;center_crop:28;mode:L' (also normalize:mean=M,std=S). Needed when images differ in size.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the view parameters.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the view parameters and of the tokens:sample draws.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="Ray actors, each loading the teacher once (0 = auto: one per GPU with --device cuda, else min(4, CPUs)).")
 @click.option("--device", default="cpu", show_default=True,
@@ -181,6 +181,10 @@ def info_cmd(store_path: Path, as_json: bool, plot_path: Path | None = None, sho
             shape = f"[{lead}, " + ", ".join(map(str, f["shape"])) + "]" if f["shape"] else f"[{lead}]"
             table.add_row(f["field"], shape, f["dtype"], _human(f["bytes_on_disk"]), f"{f['bytes_per_sample']:.1f}")
         console.print(table)
+        for f in t["fields"]:
+            if f.get("ragged"):
+                console.print(f"  {f['field']}: {f['bytes_per_token']:.2f} bytes/token on disk "
+                              f"({f['raw_bytes_per_token']} raw) over {f['tokens']:,} tokens")
         for s in t["skipped_examples"]:
             console.print(f"  [yellow]skipped[/] row {s['row']} key {s['key']}: {s['reason']}")
     for idx in summary["indexes"]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdstore.pipeline.token_reduce import TokenReduceSpec, reduce_tokens
 from kdstore.store.errors import TeacherOutputError
 from kdstore.store.schema import LOGITS, OutputSpec
 
@@ -25,14 +26,29 @@ def _pool(x: torch.Tensor, pool: str) -> torch.Tensor:
     return x
 
 
-def _ragged(x, name: str, batch_size: int, dtype: np.dtype) -> list[np.ndarray]:
+def _ragged_rows(x, name: str, batch_size: int) -> list[torch.Tensor]:
     """A per-token output: a list of ``b`` tensors ``[len_i, ...]`` with equal trailing shapes."""
-    if not isinstance(x, (list, tuple)) or len(x) != batch_size:
+    if not isinstance(x, (list, tuple)) or len(x) != batch_size or not all(isinstance(t, torch.Tensor) for t in x):
         raise TeacherOutputError(f"teacher output {name!r} must be a list of {batch_size} tensors [len_i, ...]")
-    rows = [t.detach().float().cpu().numpy() for t in x]
-    if len({r.shape[1:] for r in rows}) > 1 or any(r.ndim < 1 for r in rows):
+    if len({tuple(t.shape[1:]) for t in x}) > 1 or any(t.ndim < 1 for t in x):
         raise TeacherOutputError(f"teacher output {name!r}: per-token tensors differ in trailing shape")
-    return [r.astype(dtype) for r in rows]
+    return [t.detach().cpu() for t in x]
+
+
+def _ragged(x, name: str, batch_size: int, dtype: np.dtype) -> list[np.ndarray]:
+    """Per-token rows as numpy: floats stored as ``dtype``, integers and bools keep their dtype (ids stay exact)."""
+    rows = _ragged_rows(x, name, batch_size)
+    return [t.float().numpy().astype(dtype) if t.is_floating_point() else t.numpy() for t in rows]
+
+
+def _token_reduce(x, spec: OutputSpec, batch_size: int, temperature: float, keys: list[str] | None, seed: int) -> dict:
+    """``tokens:topk:K`` / ``tokens:sample:S`` on per-token logits: each field a list of ``b`` arrays ``[len_i, ...]``."""
+    rows = _ragged_rows(x, spec.source, batch_size)
+    if spec.token_reduce == "sample" and (keys is None or len(keys) != batch_size):
+        raise TeacherOutputError(f"--output {spec.to_text()} needs the {batch_size} sample keys (they seed the draws)")
+    op = TokenReduceSpec(kind=spec.token_reduce, k=spec.k, temperature=temperature, seed=seed)
+    per_row = [reduce_tokens(r, op, key=keys[i] if keys else "") for i, r in enumerate(rows)]
+    return {name: [row[name] for row in per_row] for name in spec.fields()}
 
 
 def bad_rows(outputs: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
@@ -53,6 +69,8 @@ def reduce_outputs(
     batch_size: int,
     temperature: float,
     dtype: np.dtype,
+    keys: list[str] | None = None,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Map teacher outputs to stored fields.
 
@@ -61,6 +79,12 @@ def reduce_outputs(
     the top k of ``softmax(logits / temperature)``); ``features/<layer>`` pooled;
     ``embedding [b, d]`` (L2-normalised when asked); ``scores/entropy [b]`` and
     ``scores/max_prob [b]`` of ``softmax(logits)``. Floats are stored as ``dtype``.
+
+    Per-token outputs are lists of ``b`` arrays ``[len_i, ...]``: ``tokens:NAME`` as the teacher
+    returned it (integer dtypes kept); ``tokens:topk:K`` / ``tokens:sample:S`` reduce
+    ``tokens/logits`` at ``temperature`` with :mod:`kdstore.pipeline.token_reduce` (their own
+    dtypes: float16 log-probs, packed ids, uint8 counts). Sampling draws are seeded by
+    ``(seed, keys[i], position)``.
     """
     fields: dict[str, np.ndarray] = {}
     for spec in specs:
@@ -69,6 +93,9 @@ def reduce_outputs(
                 f"--output {spec.to_text()} needs teacher output {spec.source!r}; the teacher returned {sorted(outputs)}"
             )
         x = outputs[spec.source]
+        if spec.token_reduce:
+            fields.update(_token_reduce(x, spec, batch_size, temperature, keys, seed))
+            continue
         if spec.kind == "tokens":
             fields[spec.source] = _ragged(x, spec.source, batch_size, dtype)
             continue

@@ -278,7 +278,9 @@ def reduce(
         b = len(batch) * width
         try:
             bad = bad_rows(raw, b)
-            fields = reduce_outputs(raw, list(spec.outputs), batch_size=b, temperature=spec.temperature, dtype=dtype)
+            keys = [k for k in batch.keys for _ in range(width)]
+            fields = reduce_outputs(raw, list(spec.outputs), batch_size=b, temperature=spec.temperature, dtype=dtype,
+                                    keys=keys, seed=spec.seed)
         except TeacherOutputError as exc:
             raise TeacherOutputError(f"shard {shard.url} keys {batch.keys[0]!r}..{batch.keys[-1]!r}: {exc}") from None
         yield Reduced(batch, fields, bad.reshape(len(batch), width).any(1).numpy())

@@ -26,6 +26,19 @@ import torch
 import torch.nn.functional as F
 
 from kdstore.store.errors import InputError, TeacherOutputError
+from kdstore.store.schema import (
+    TOKENS_SAMPLE_COUNTS,
+    TOKENS_SAMPLE_IDS,
+    TOKENS_TOPK_IDS,
+    TOKENS_TOPK_LOGPROBS,
+    TOKENS_TOPK_LSE,
+    TOKENS_TOPK_RESIDUAL,
+)
+
+# short names (what topk_tokens / sample_tokens return) -> stored field names
+TOPK_FIELDS = {"logprobs": TOKENS_TOPK_LOGPROBS, "ids": TOKENS_TOPK_IDS, "residual": TOKENS_TOPK_RESIDUAL,
+               "lse": TOKENS_TOPK_LSE}
+SAMPLE_FIELDS = {"ids": TOKENS_SAMPLE_IDS, "counts": TOKENS_SAMPLE_COUNTS}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,9 +69,7 @@ class TokenReduceSpec:
         return f"{self.kind}:{self.k}@{self.temperature:g}"
 
     def fields(self) -> list[str]:
-        if self.kind == "topk":
-            return ["tokens/topk/logprobs", "tokens/topk/ids", "tokens/topk/residual", "tokens/topk/lse"]
-        return ["tokens/sample/ids", "tokens/sample/counts"]
+        return list((TOPK_FIELDS if self.kind == "topk" else SAMPLE_FIELDS).values())
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -199,6 +210,6 @@ def reduce_tokens(logits: torch.Tensor, spec: TokenReduceSpec, *, key: str) -> d
     """Apply ``spec`` to one sample's ``logits [n, V]``; returns the fields named by ``spec.fields()``."""
     if spec.kind == "topk":
         out = topk_tokens(logits, spec.k, temperature=spec.temperature)
-        return {f"tokens/topk/{name}": value for name, value in out.items()}
+        return {TOPK_FIELDS[name]: value for name, value in out.items()}
     out = sample_tokens(logits, spec.k, key=key, temperature=spec.temperature, seed=spec.seed)
-    return {f"tokens/sample/{name}": value for name, value in out.items()}
+    return {SAMPLE_FIELDS[name]: value for name, value in out.items()}

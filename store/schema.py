@@ -30,6 +30,15 @@ TOPK_RESIDUAL = "topk/residual"  # [] probability mass outside the top K at the 
 EMBEDDING = "embedding"  # [D]
 SCORES_ENTROPY = "scores/entropy"  # []
 SCORES_MAX_PROB = "scores/max_prob"  # []
+# Per-token (ragged) fields of the LM reduce ops ``tokens:topk:K`` / ``tokens:sample:S`` (each ``[sum(len_i), ...]``).
+TOKENS_LOGITS = "tokens/logits"  # the teacher output both reduce ops read: [n_i, V] per sample
+TOKENS_TOPK_LOGPROBS = "tokens/topk/logprobs"  # [K] float16 log-softmax at T, descending
+TOKENS_TOPK_IDS = "tokens/topk/ids"  # [K] smallest unsigned int dtype holding V
+TOKENS_TOPK_RESIDUAL = "tokens/topk/residual"  # [] float32 1 - sum of the top-K probabilities
+TOKENS_TOPK_LSE = "tokens/topk/lse"  # [] float32 logsumexp(logits / T)
+TOKENS_SAMPLE_IDS = "tokens/sample/ids"  # [S] distinct drawn ids, most frequent first, 0-padded
+TOKENS_SAMPLE_COUNTS = "tokens/sample/counts"  # [S] uint8 draw counts (0 = padding)
+TOKEN_REDUCE_OPS = ("topk", "sample")
 POOLS = ("none", "mean", "flatten")
 OUTPUT_KINDS = ("logits", "topk", "features", "embedding", "scores", "tokens")
 
@@ -79,6 +88,10 @@ class OutputSpec:
             return cls(kind="features", layer=args[0], pool=pool)
         if kind == "tokens" and len(args) == 1 and args[0]:
             return cls(kind="tokens", layer=args[0])
+        if kind == "tokens" and len(args) == 2 and args[0] in TOKEN_REDUCE_OPS and args[1].isdigit() and int(args[1]) > 0:
+            if args[0] == "sample" and int(args[1]) > 255:
+                raise InputError(f"--output {text}: at most 255 draws per token (counts are stored as uint8)")
+            return cls(kind="tokens", layer=args[0], k=int(args[1]))
         if kind == "embedding" and len(args) <= 2:
             l2 = bool(args) and args[-1] == "l2"
             if args and args[-1] in ("l2", "raw"):
@@ -87,7 +100,7 @@ class OutputSpec:
                 return cls(kind="embedding", layer=args[0] if args else "", l2=l2)
         raise InputError(
             f"--output {text!r} not understood; use logits | topk:K | features:LAYER[:none|mean|flatten] "
-            "| embedding[:LAYER][:l2] | scores | tokens:NAME"
+            "| embedding[:LAYER][:l2] | scores | tokens:NAME | tokens:topk:K | tokens:sample:S"
         )
 
     def to_text(self) -> str:
@@ -96,16 +109,23 @@ class OutputSpec:
         if self.kind == "features":
             return f"features:{self.layer}:{self.pool}"
         if self.kind == "tokens":
-            return f"tokens:{self.layer}"
+            return f"tokens:{self.layer}:{self.k}" if self.token_reduce else f"tokens:{self.layer}"
         if self.kind == "embedding":
             return ":".join(["embedding", *([self.layer] if self.layer else []), *(["l2"] if self.l2 else [])])
         return self.kind
+
+    @property
+    def token_reduce(self) -> str:
+        """``"topk"`` / ``"sample"`` for the per-token LM reduce ops (``k`` = K or S), else ``""``."""
+        return self.layer if self.kind == "tokens" and self.k > 0 else ""
 
     @property
     def source(self) -> str:
         """The teacher output this spec reads."""
         if self.kind in ("logits", "topk", "scores"):
             return LOGITS
+        if self.token_reduce:
+            return TOKENS_LOGITS
         if self.kind == "tokens":
             return tokens_field(self.layer)
         if self.kind == "features" or (self.kind == "embedding" and self.layer):
@@ -113,7 +133,14 @@ class OutputSpec:
         return EMBEDDING
 
     def fields(self) -> list[str]:
-        """The stored fields this output writes, in a fixed order (top-k: values, indices, residual)."""
+        """The stored fields this output writes, in a fixed order (top-k: values, indices, residual).
+
+        ``tokens:topk:K``: logprobs, ids, residual, lse; ``tokens:sample:S``: ids, counts.
+        """
+        if self.token_reduce == "topk":
+            return [TOKENS_TOPK_LOGPROBS, TOKENS_TOPK_IDS, TOKENS_TOPK_RESIDUAL, TOKENS_TOPK_LSE]
+        if self.token_reduce == "sample":
+            return [TOKENS_SAMPLE_IDS, TOKENS_SAMPLE_COUNTS]
         return {
             "logits": [LOGITS],
             "topk": [TOPK_VALUES, TOPK_INDICES, TOPK_RESIDUAL],

@@ -98,6 +98,11 @@ def summarize(store: Store) -> dict:
         for fname, spec in t.fields.items():
             nbytes = sum(r.fields[fname].nbytes_disk for r in done.values() if fname in r.fields)
             rows_done = sum(r.num_rows for r in done.values())
+            per_token = {}
+            if spec.ragged:  # tokens stored = the last offset of each finished shard
+                tokens = sum(_num_tokens(store, name, fname, s) for s in done)
+                per_token = {"tokens": tokens, "bytes_per_token": nbytes / tokens if tokens else float("nan"),
+                             "raw_bytes_per_token": _raw_bytes_per_token(spec)}
             fields.append(
                 {
                     "field": fname,
@@ -106,6 +111,7 @@ def summarize(store: Store) -> dict:
                     "ragged": spec.ragged,
                     "bytes_on_disk": nbytes,
                     "bytes_per_sample": nbytes / rows_done if rows_done else float("nan"),
+                    **per_token,
                 }
             )
         teachers.append(
@@ -135,6 +141,20 @@ def summarize(store: Store) -> dict:
         "teachers": teachers,
         "indexes": _indexes(store),
     }
+
+
+def _num_tokens(store: Store, teacher: str, field: str, shard: int) -> int:
+    """Positions stored in one finished shard of a per-token field (its last offset)."""
+    group = zarr.open_group(str(layout.shard_array_path(store.path, teacher, shard)), mode="r")
+    offsets = group[layout.offsets_name(field)]
+    return int(offsets[offsets.shape[0] - 1]) if offsets.shape[0] else 0
+
+
+def _raw_bytes_per_token(spec) -> int:
+    """Uncompressed bytes of one position of a per-token field (``prod(shape) * itemsize``)."""
+    import numpy as np
+
+    return int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
 
 
 def _indexes(store: Store) -> list[dict]:

@@ -23,7 +23,7 @@ from kdstore.train.objective import KINDS, LOSS_KINDS, check_term, check_terms, 
 
 __all__ = ["LOSS_KINDS", "Config", "DataConfig", "LabelsSpec", "LossConfig", "ModelConfig", "OnlineConfig", "OptimConfig",
            "TrainConfig", "apply_overrides", "load_config", "parse_config", "read_config_file"]
-ARCHS = ("mlp", "cnn", "bag", "text_transformer")
+ARCHS = ("mlp", "cnn", "bag", "text_transformer", "gpt")  # gpt: the LM student (kdstore.train.lm_train)
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -83,6 +83,8 @@ class ModelConfig:
     embedding: str = "embedding"  # factory students: an output dict key or a layer name
     dho_alpha: float = 0.5
     dho_beta: float = 1.0
+    depth: int = 2  # gpt: transformer blocks (width = model.width, heads = model.heads)
+    heads: int = 4
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, f"model.arch must be one of {ARCHS}, got {self.arch!r}")
@@ -97,6 +99,8 @@ class ModelConfig:
         _check(self.hidden > 0 and self.width > 0, "model.hidden and model.width must be > 0")
         _check(0.0 <= self.dho_alpha <= 1.0, "model.dho_alpha must be in [0, 1]")
         _check(self.dho_beta > 0, "model.dho_beta must be > 0")
+        _check(self.depth > 0 and self.heads > 0 and (self.arch != "gpt" or self.width % self.heads == 0),
+               "model.depth and model.heads must be > 0 (gpt: model.width divisible by model.heads)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -263,6 +263,10 @@ KINDS: dict[str, LossKind] = {k.name: k for k in (
              settings=("temperature", "router_input", "router_hidden", "top_k", "balance_weight", "sample_weights",
                        "weight_power")),
 )}
+# Token-level kinds (LM students; train/objective_tokens.py), kept in their own module.
+from kdstore.train.objective_tokens import token_kinds  # noqa: E402
+
+KINDS.update({k.name: k for k in token_kinds(LossKind)})
 LOSS_KINDS = tuple(KINDS)
 DEFAULT_TEMPERATURE = 1.0
 

@@ -430,6 +430,14 @@ def run(cfg: Config, *, resume: bool | str | Path = False, overwrite: bool = Fal
     ``overwrite``: delete what an earlier run wrote in ``train.out_dir`` first. Without either
     a non-empty ``train.out_dir`` is refused.
     """
+    from kdstore.train.objective_tokens import TOKEN_KINDS
+
+    if cfg.model.arch == "gpt":  # LM student on per-token targets: its own loop (train/lm_train.py)
+        from kdstore.train.lm_train import run_lm
+
+        return run_lm(cfg)
+    if any(t.kind in TOKEN_KINDS for t in cfg.loss):
+        raise InputError(f"the token losses {TOKEN_KINDS} train an LM student: set model.arch = \"gpt\"")
     recipe = Recipe(cfg, callbacks=callbacks, cache=cache)
     try:
         recipe.setup(resume=resume, overwrite=overwrite)

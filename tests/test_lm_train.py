@@ -1,0 +1,187 @@
+"""LM batches from a real store joined with real token shards, and the token loss kinds wired
+through the trainer (`kdstore train` with model.arch = "gpt"), checked against hand computation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from click.testing import CliRunner
+from kdstore.cli.main import main
+from kdstore.pipeline.lm_corpus import read_npy
+from kdstore.pipeline.lm_model import GPT, GPTConfig
+from kdstore.store import open_store
+from kdstore.store.errors import InputError, StoreMismatchError
+from kdstore.store.schema import (
+    TOKENS_SAMPLE_COUNTS,
+    TOKENS_SAMPLE_IDS,
+    TOKENS_TOPK_IDS,
+    TOKENS_TOPK_LOGPROBS,
+    TOKENS_TOPK_RESIDUAL,
+)
+from kdstore.train.config import parse_config
+from kdstore.train.lm_data import check_tokenizer, lm_batches, pack_batch
+from kdstore.train.lm_train import run_lm
+from lm_fixture import build_lm, precompute
+
+T, K, S = 2.0, 6, 10
+FIELDS = [TOKENS_TOPK_LOGPROBS, TOKENS_TOPK_IDS, TOKENS_TOPK_RESIDUAL, TOKENS_SAMPLE_IDS, TOKENS_SAMPLE_COUNTS]
+
+
+@pytest.fixture(scope="module")
+def lm_store(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("lmt")
+    teacher, tars = build_lm(root)
+    precompute(root / "store", teacher, tars, (f"tokens:topk:{K}", f"tokens:sample:{S}"), temperature=T, seed=3)
+    return root / "store", teacher, tars
+
+
+def test_batches_join_store_and_token_shards(lm_store):
+    store_path, teacher_dir, tars = lm_store
+    store = open_store(store_path)
+    plan = check_tokenizer(store, "gpt")
+    eos = plan["eos_id"]
+    t = store.teacher("gpt")
+    want_rows = []
+    for shard, tar in zip(store.shards, tars):
+        cols = {f: t.read_tokens(f, shard.index) for f in FIELDS}
+        for i, s in enumerate(wds.WebDataset(str(tar), shardshuffle=False)):
+            want_rows.append((read_npy(s["ids.npy"]), read_npy(s["doc.npy"]), {f: cols[f][i] for f in FIELDS}))
+    batches = list(lm_batches(store, "gpt", FIELDS, batch_size=4, eos_id=eos, epoch=None))
+    assert sum(len(b["ids"]) for b in batches) == store.num_rows == len(want_rows)
+    assert [len(b["ids"]) for b in batches][:-1] == [4] * (len(batches) - 1)  # batches cross shard boundaries
+    got = [(b, i) for b in batches for i in range(len(b["ids"]))]
+    for (b, i), (ids, doc, fields) in zip(got, want_rows):
+        np.testing.assert_array_equal(b["ids"][i].numpy(), ids)
+        np.testing.assert_array_equal(b["doc"][i].numpy(), doc)
+        for f in FIELDS:
+            np.testing.assert_array_equal(b[f][i].numpy(), fields[f].astype(b[f].numpy().dtype))
+        real = doc >= 0
+        np.testing.assert_array_equal(b["kd_mask"][i].numpy(), real & (ids != eos))
+        same_doc = np.r_[(doc[1:] == doc[:-1]) & real[:-1], False]
+        np.testing.assert_array_equal(b["ce_mask"][i].numpy(), same_doc & (ids != eos))
+    # rows of different lengths: padding is eos / doc -1 / zero fields, out of both masks
+    short = {"ids": np.array([5, 6, 7]), "doc": np.array([0, 0, 0]), TOKENS_TOPK_IDS: np.ones((3, K), np.uint16)}
+    longer = {"ids": np.array([1, 2, eos, 3, 4]), "doc": np.array([0, 0, 0, 1, 1]), TOKENS_TOPK_IDS: np.ones((5, K), np.uint16)}
+    packed = pack_batch([short, longer], [TOKENS_TOPK_IDS], eos)
+    assert packed["ids"][0].tolist() == [5, 6, 7, eos, eos] and packed["doc"][0].tolist() == [0, 0, 0, -1, -1]
+    assert packed["kd_mask"].tolist() == [[True] * 3 + [False] * 2, [True, True, False, True, True]]
+    assert packed["ce_mask"].tolist() == [[True, True, False, False, False], [True, True, False, True, False]]
+    assert packed[TOKENS_TOPK_IDS].dtype == torch.int64 and packed[TOKENS_TOPK_IDS][0, 3:].sum() == 0
+    # a seeded epoch shuffles but keeps every row once
+    shuffled = list(lm_batches(store, "gpt", FIELDS, batch_size=5, eos_id=eos, epoch=1, seed=4))
+    key = lambda x: tuple(x.tolist())
+    assert sorted(key(r) for b in shuffled for r in b["ids"]) == sorted(key(torch.from_numpy(i)) for i, _, _ in want_rows)
+
+
+def test_tokenizer_mismatch_is_refused(lm_store, tmp_path):
+    store_path, _, tars = lm_store
+    store = open_store(store_path)
+    with pytest.raises(StoreMismatchError, match="student tokenizer"):
+        check_tokenizer(store, "gpt", tokenizer=tars[0])
+    plan_path = next(tars[0].parent.glob("lm_plan.*.json"))
+    saved = plan_path.read_text()
+    try:
+        plan_path.write_text(json.dumps({**json.loads(saved), "tokenizer_sha256": "0" * 64}))
+        with pytest.raises(StoreMismatchError, match="rebuild them"):
+            check_tokenizer(store, "gpt")
+    finally:
+        plan_path.write_text(saved)
+
+
+def _config(store_path, out, loss, **train):
+    return parse_config({
+        "data": {"store": str(store_path), "train_shards": ["0..2"], "batch_size": 4},
+        "model": {"arch": "gpt", "depth": 1, "width": 16, "heads": 2},
+        "optim": {"lr": 1e-3, "weight_decay": 0.0},
+        "train": {"out_dir": str(out), "steps": 2, "seed": 11, **train},
+        "loss": loss,
+    })
+
+
+def _hand(logits, batch, eos):
+    """The three token losses computed by hand (plain loops over positions), at step 0."""
+    ce, topk, samp = [], [], []
+    for i in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            z = logits[i, t].double()
+            if batch["ce_mask"][i, t]:
+                ce.append(-(z - torch.logsumexp(z, 0))[batch["targets"][i, t]])
+            if not batch["kd_mask"][i, t]:
+                continue
+            q = torch.softmax(z / T, 0)
+            p = batch[TOKENS_TOPK_LOGPROBS][i, t].double().exp()
+            ids = batch[TOKENS_TOPK_IDS][i, t]
+            r = batch[TOKENS_TOPK_RESIDUAL][i, t].double()
+            tail = 1 - q[ids].sum()
+            topk.append((p * (p.log() - q[ids].log())).sum() + r * (r.log() - tail.log()))
+            c = batch[TOKENS_SAMPLE_COUNTS][i, t].double()
+            sid = batch[TOKENS_SAMPLE_IDS][i, t]
+            samp.append(-(c / c.sum() * q[sid].log()).sum())
+    mean = lambda xs: float(torch.stack(xs).mean())
+    return {"token_ce": mean(ce), "token_topk_kd": mean(topk) * T * T, "token_sampled_kd": mean(samp) * T * T}
+
+
+def test_token_losses_through_the_trainer_by_hand(lm_store, tmp_path):
+    store_path, _, _ = lm_store
+    loss = [{"kind": "token_ce", "weight": 0.5}, {"kind": "token_topk_kd", "teacher": "gpt"},
+            {"kind": "token_sampled_kd", "teacher": "gpt", "weight": 2.0}]
+    cfg = _config(store_path, tmp_path / "run", loss)
+    seen = {}
+    summary = run_lm(cfg, on_step=lambda step, info: seen.setdefault(step, info))
+    assert summary["steps"] == 2 and summary["teacher"] == "gpt"
+    batch = seen[0]["batch"]
+    plan = json.loads(next(store_path.parent.glob("shards/lm_plan.*.json")).read_text())
+    student = GPT(GPTConfig(vocab_size=plan["vocab_size"], context=plan["seq_len"], depth=1, width=16, heads=2, seed=11))
+    with torch.no_grad():
+        logits = student(batch["ids"], batch["doc"])
+    hand = _hand(logits, batch, plan["eos_id"])
+    parts = seen[0]["parts"]
+    for i, kind in enumerate(("token_ce", "token_topk_kd", "token_sampled_kd")):
+        assert parts[f"loss/{i}.{kind}"] == pytest.approx(hand[kind], rel=1e-4), kind
+    assert float(seen[0]["loss"]) == pytest.approx(0.5 * hand["token_ce"] + hand["token_topk_kd"]
+                                                   + 2 * hand["token_sampled_kd"], rel=1e-4)
+    assert (tmp_path / "run" / "student.safetensors").is_file()
+
+
+def test_kdstore_train_cli_runs_gpt_and_refuses_mixed_kinds(lm_store, tmp_path):
+    store_path, _, _ = lm_store
+    toml = tmp_path / "lm.toml"
+    toml.write_text(f'''[data]
+store = "{store_path}"
+train_shards = ["0..1"]
+eval_shards = ["2"]
+batch_size = 4
+[model]
+arch = "gpt"
+depth = 1
+width = 16
+heads = 2
+[train]
+out_dir = "{tmp_path / 'cli'}"
+steps = 3
+[[loss]]
+kind = "token_topk_kd"
+teacher = "gpt"
+''')
+    result = CliRunner().invoke(main, ["train", str(toml), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval"]["tokens"] > 0 and 0 <= summary["eval"]["acc"] <= 1
+    assert len((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(InputError, match="token losses"):
+        run_lm(_config(store_path, tmp_path / "x", [{"kind": "kd", "teacher": "gpt"}]))
+    # the stored temperature is used; another one is refused
+    with pytest.raises(InputError, match="differs from the temperature"):
+        run_lm(_config(store_path, tmp_path / "y", [{"kind": "token_topk_kd", "teacher": "gpt", "temperature": 1.0}]))
+    from kdstore.train.recipe import run
+
+    mlp = _config(store_path, tmp_path / "z", [{"kind": "token_ce"}])
+    with pytest.raises(InputError, match="arch"):
+        run(mlp.replace(model=dataclasses.replace(mlp.model, arch="mlp")))
+    shutil.rmtree(tmp_path / "cli")

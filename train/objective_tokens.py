@@ -1,0 +1,70 @@
+"""Token-level loss kinds (LM students), merged into :data:`kdstore.train.objective.KINDS`.
+
+Each kind's ``compute(term, x)`` reads, for a batch of ``b`` sequences of ``n`` positions:
+``x.out["logits"]`` the student's ``[b, n, V]``; ``x.tg`` the LM batch of
+:func:`kdstore.train.lm_data.pack_batch` (``targets``/``ce_mask`` ``[b, n]``, the teacher's
+per-token fields ``[b, n, ...]``); ``x.mask`` the KD positions ``[b, n]`` (``kd_mask``:
+padding and ``<|endoftext|>`` out, nothing crosses a document).
+
+- ``token_ce``: next-token cross-entropy on the token shards (no teacher).
+- ``token_topk_kd``: :func:`~kdstore.train.losses_tokens.topk_kl` on ``tokens:topk:K``
+  (K + 1 buckets, the residual is the tail bucket), at the recorded temperature.
+- ``token_sampled_kd``: RS-KD, :func:`~kdstore.train.losses_tokens.sampled_kl` on
+  ``tokens:sample:S``, at the recorded temperature.
+
+TAID is **online only**: its target ``softmax((1 - λ)·student + λ·teacher)`` interpolates
+full-vocabulary logits, which neither stored form keeps (top-k drops the tail's shape, samples
+give counts, not logits); :func:`~kdstore.train.losses_tokens.taid_kl` needs the teacher's
+logits in the loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kdstore.store.schema import OutputSpec
+from kdstore.train import losses_tokens as LT
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from kdstore.train.config import LossConfig
+    from kdstore.train.objective import LossKind, TermInput
+
+
+def token_fields(op: str) -> tuple[str, ...]:
+    """Stored fields of ``tokens:topk:K`` / ``tokens:sample:S`` (names from the store schema)."""
+    return tuple(OutputSpec(kind="tokens", layer=op, k=1).fields())
+
+
+def _t(term: "LossConfig") -> float:
+    if term.temperature is None:
+        raise ValueError(f"loss {term.kind}: temperature not resolved; call resolve_terms(terms, store) first")
+    return term.temperature
+
+
+def _token_ce(term, x: "TermInput") -> Tensor:
+    return LT.next_token_ce(x.out["logits"], x.tg["targets"], x.tg["ce_mask"])
+
+
+def _token_topk_kd(term, x: "TermInput") -> Tensor:
+    logprobs, ids, residual, _lse = token_fields("topk")
+    return LT.topk_kl(x.out["logits"], x.tg[logprobs], x.tg[ids], x.tg[residual], x.mask, temperature=_t(term))
+
+
+def _token_sampled_kd(term, x: "TermInput") -> Tensor:
+    ids, counts = token_fields("sample")
+    return LT.sampled_kl(x.out["logits"], x.tg[ids], x.tg[counts], x.mask, temperature=_t(term))
+
+
+def token_kinds(loss_kind: type["LossKind"]) -> tuple["LossKind", ...]:
+    """The token kinds as ``LossKind`` entries (built by ``objective`` to avoid an import cycle)."""
+    return (
+        loss_kind(name="token_ce", compute=_token_ce, teachers="none"),
+        loss_kind(name="token_topk_kd", compute=_token_topk_kd, fields=lambda t: token_fields("topk")[:3],
+                  stored_temperature=True, settings=("temperature",)),
+        loss_kind(name="token_sampled_kd", compute=_token_sampled_kd, fields=lambda t: token_fields("sample"),
+                  stored_temperature=True, settings=("temperature",)),
+    )
+
+
+TOKEN_KINDS = ("token_ce", "token_topk_kd", "token_sampled_kd")
