@@ -51,7 +51,7 @@ def invoke(args: list[str]) -> str:
     return result.output
 
 
-def build_store(tmp: Path, *, train: int, test: int, teacher_seconds: float, shard_size: int,
+def build_store(tmp: Path, *, train: int, test: int, teacher_steps: int, shard_size: int,
                 teacher_width: int = 32) -> Path:
     """Folders → shards (prefixes train/test) → a store with the Fashion CNN's logits under ``TRANSFORM``.
 
@@ -72,9 +72,9 @@ def build_store(tmp: Path, *, train: int, test: int, teacher_seconds: float, sha
     if weights.exists():
         pass  # reused (a rerun of the full-size run)
     elif teacher_width == 32:
-        invoke(["teacher", "fashion-mnist", weights, "--seconds", teacher_seconds])
+        invoke(["teacher", "fashion-mnist", weights, "--steps", teacher_steps])
     else:
-        train_fashion_cnn(weights, seconds=teacher_seconds, max_epochs=2, width=teacher_width, progress=False)
+        train_fashion_cnn(weights, steps=teacher_steps, width=teacher_width, progress=False)
     store = tmp / "store"
     invoke(["precompute", "--store", store, "-i", str(shards / "train" / "*.tar"), "-i", str(shards / "test" / "*.tar"), "--teacher", "kdstore.pipeline.zoo:fashion_cnn",
             "--teacher-name", "cnn", "--teacher-arg", f"weights={weights}", "--teacher-arg", f"width={teacher_width}",
@@ -91,7 +91,7 @@ def train_arm(config: str, store: Path, out: Path, seed: int, extra: list[str] =
 
 @pytest.fixture(scope="module")
 def image_store(tmp_path_factory, ray_session):
-    return build_store(tmp_path_factory.mktemp("images"), train=2000, test=500, teacher_seconds=40, shard_size=500,
+    return build_store(tmp_path_factory.mktemp("images"), train=2000, test=500, teacher_steps=400, shard_size=500,
                        teacher_width=8)
 
 
