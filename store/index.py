@@ -39,14 +39,49 @@ METRICS = ("cosine", "ip", "l2")
 INDEX_FORMAT = "kdstore-faiss-index"
 INDEX_FORMAT_VERSION = 1
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
+# Default ivf/ivfpq training sample cap: 2^18 rows (384-d float32: 384 MiB). It only acts
+# above ~260k rows (nlist 2048+), where 64+ points per centroid still train k-means well.
+TRAIN_ROWS_CAP = 2**18
 
 Kind = Literal["exact", "flat", "ivf", "hnsw", "ivfpq"]
 Metric = Literal["cosine", "ip", "l2"]
 
 
+_CHECKED_DISTRIBUTIONS = False
+
+
+def check_faiss_distributions() -> list[str]:
+    """The installed FAISS distributions that ship the ``faiss`` module; warns once when several are.
+
+    faiss-cpu (kdstore's dependency) and faiss-gpu write the same files: with both installed
+    the module is whichever was installed last, half-overwritten. docs/GPU.md gives the swap.
+    """
+    import warnings
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11"):
+        try:
+            found.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pass
+    if len(found) > 1:
+        warnings.warn(
+            f"several FAISS distributions are installed ({', '.join(found)}) and share the `faiss` module's files; "
+            "keep one: `pip uninstall -y " + " ".join(f.split("==")[0] for f in found)
+            + " && pip install faiss-gpu==1.15.1` for GPU (or faiss-cpu==1.15.1 for CPU), see docs/GPU.md",
+            RuntimeWarning, stacklevel=3,
+        )
+    return found
+
+
 def _faiss() -> Any:
+    global _CHECKED_DISTRIBUTIONS
     import faiss
 
+    if not _CHECKED_DISTRIBUTIONS:
+        _CHECKED_DISTRIBUTIONS = True
+        check_faiss_distributions()
     return faiss
 
 
@@ -61,7 +96,7 @@ class IndexSpec:
     - ``pq_m`` (ivfpq): sub-quantisers, must divide the dimension; default dim/8 (rounded to
       a divisor). ``pq_nbits``: bits per code.
     - ``train_rows``: rows sampled (seeded, without replacement) to train ivf/ivfpq;
-      default ``min(n, 256·nlist)``, at least ``64·2**pq_nbits`` for ivfpq.
+      default ``min(n, 256·nlist, TRAIN_ROWS_CAP)``, at least ``64·2**pq_nbits`` for ivfpq.
     - ``add_batch_rows``: rows read, converted and added per step (bounds memory).
     """
 
@@ -117,7 +152,7 @@ class IndexSpec:
                     raise InputError(f"index pq_m={pq_m} must divide the dimension {dim}")
             train_rows = spec.train_rows
             if train_rows is None:
-                train_rows = 256 * nlist
+                train_rows = max(min(256 * nlist, TRAIN_ROWS_CAP), 39 * nlist)
                 if spec.kind == "ivfpq":
                     train_rows = max(train_rows, 64 * 2**spec.pq_nbits)
             spec = replace(spec, nlist=nlist, nprobe=min(nprobe, nlist), pq_m=pq_m, train_rows=min(train_rows, num_rows))

@@ -80,8 +80,10 @@ def load_negatives(store: Store | str | os.PathLike[str], name: str):
 class StoreField:
     """A stored field as a read-only ``[num_rows, dim]`` array, read in row blocks on demand.
 
-    ``field[a:b]`` and ``field[int_array]`` go through ``TeacherData.read`` (one contiguous
-    read per touched shard), so nothing holds the whole field in memory.
+    ``field[a:b]`` reads each touched shard's rows as one contiguous slice; ``field[int_array]``
+    reads only the Zarr chunks (:data:`kdstore.store.writer.CHUNK_ROWS` rows) that hold the
+    asked rows, so a scattered gather costs its chunks, never whole shards. Nothing holds the
+    whole field in memory; the open shard arrays are kept (handles, not data).
     """
 
     def __init__(self, teacher: TeacherData, field: str) -> None:
@@ -96,14 +98,36 @@ class StoreField:
         self.teacher, self.field = teacher, field
         self.shape = (teacher.store.num_rows, int(spec.shape[0]))
         self.dtype = np.dtype(spec.dtype)
+        self._starts = np.asarray(teacher.store.shard_starts, dtype=np.int64)
+        self._arrays: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def _array(self, shard_index: int) -> Any:
+        if shard_index not in self._arrays:
+            self._arrays[shard_index] = self.teacher._group(shard_index)[self.field]
+        return self._arrays[shard_index]
+
     def __getitem__(self, sel: Any) -> np.ndarray:
+        """``[len(sel), dim]`` in the stored dtype, rows in the order asked."""
         if isinstance(sel, slice):
-            sel = np.arange(*sel.indices(self.shape[0]))
-        return self.teacher.read(self.field, np.asarray(sel, dtype=np.int64))
+            a, b, step = sel.indices(self.shape[0])
+            if step == 1:
+                return self.teacher.read(self.field, np.arange(a, b, dtype=np.int64))
+            sel = np.arange(a, b, step)
+        rows = np.asarray(sel, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise InputError(f"rows must be in [0, {self.shape[0]}), got {rows.min()}..{rows.max()}")
+        out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for shard_index in np.unique(shard_of):
+            pos = np.nonzero(shard_of == shard_index)[0]
+            local = rows[pos] - self._starts[shard_index]
+            uniq, inverse = np.unique(local, return_inverse=True)
+            block = self._array(int(shard_index)).get_orthogonal_selection((uniq, slice(None)))
+            out[pos] = block[inverse]
+        return out
 
 
 def read_field(store: Store | str | os.PathLike[str], teacher: str, field: str = EMBEDDING) -> np.ndarray:
@@ -129,13 +153,14 @@ def build_store_index(
     field: str = "embedding",
     spec: IndexSpec | None = None,
     *,
-    in_memory: bool = True,
+    in_memory: bool = False,
     progress: bool = True,
 ) -> tuple[VectorIndex, Path]:
     """Index every valid row of ``teacher``'s ``field`` and save it under ``STORE/index/``.
 
-    ``in_memory=False`` streams the field from the store in ``add_batch_rows`` blocks
-    instead of reading it whole first.
+    The field streams from the store: the training sample, then ``add_batch_rows`` blocks
+    (memory: the index, the sample and one block; ``docs/RETRIEVAL.md`` "At a million rows").
+    ``in_memory=True`` reads the whole field first (the former path; same index).
     """
     s = _store(store)
     if spec is not None and spec.kind == "exact":
@@ -227,7 +252,7 @@ def get_or_build_index(
     if kind == "exact":
         if rebuild:
             raise InputError(f"--rebuild-index: the exact path{why} has no saved index to rebuild; give --kind for one")
-        vectors = t.read(field)
+        vectors = StoreField(t, field)  # streamed into ExactIndex's one prepared copy
         subset = vectors if len(rows) == s.num_rows else _Rows(vectors, rows)
         index = ExactIndex(subset, metric=metric, row_ids=rows, meta={"teacher": teacher, "field": field})
         return index, f"exact {metric}{why}, built in memory in {index.build_seconds:.2f} s"
@@ -316,7 +341,7 @@ def mine_store(
     stats = write_negatives(
         path,
         index,
-        s.teacher(teacher).read(field),
+        StoreField(s.teacher(teacher), field),  # query batches and candidates read from the store
         spec,
         labels=labels,
         positive_rows=positive_rows,
