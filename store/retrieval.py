@@ -82,7 +82,8 @@ class StoreField:
 
     ``field[a:b]`` reads each touched shard's rows as one contiguous slice; ``field[int_array]``
     reads only the Zarr chunks (:data:`kdstore.store.writer.CHUNK_ROWS` rows) that hold the
-    asked rows, so a scattered gather costs its chunks, never whole shards. Nothing holds the
+    asked rows, one chunk at a time, so a scattered gather costs its chunks, never whole
+    shards, and decodes one chunk at once. Nothing holds the
     whole field in memory; the open shard arrays are kept (handles, not data).
     """
 
@@ -125,7 +126,12 @@ class StoreField:
             pos = np.nonzero(shard_of == shard_index)[0]
             local = rows[pos] - self._starts[shard_index]
             uniq, inverse = np.unique(local, return_inverse=True)
-            block = self._array(int(shard_index)).get_orthogonal_selection((uniq, slice(None)))
+            array = self._array(int(shard_index))
+            block = np.empty((len(uniq), self.shape[1]), dtype=self.dtype)
+            # One Zarr chunk at a time: a whole-shard selection decodes all its chunks at once.
+            starts = np.flatnonzero(np.diff(uniq // int(array.chunks[0]))) + 1
+            for part in np.split(np.arange(len(uniq)), starts):
+                block[part] = array.get_orthogonal_selection((uniq[part], slice(None)))
             out[pos] = block[inverse]
         return out
 
