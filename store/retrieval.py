@@ -345,10 +345,15 @@ def mine_store(
         raise InputError(f"store {s.path} has no labels: use --positive none or --positive pairs")
     name = name or (teacher if field == "embedding" else f"{teacher}.{field}")
     path = negatives_path(s, name)
+    # FAISS kinds (large stores): query batches, positives and candidates read from the store.
+    # exact (at most EXACT_MAX_ROWS rows by default): the field in memory, because label-positive
+    # fallback scans re-read each label's rows per query batch, slow through Zarr chunks.
+    t = s.teacher(teacher)
+    vectors = t.read(field) if index.spec.kind == "exact" else StoreField(t, field)
     stats = write_negatives(
         path,
         index,
-        StoreField(s.teacher(teacher), field),  # query batches and candidates read from the store
+        vectors,
         spec,
         labels=labels,
         positive_rows=positive_rows,

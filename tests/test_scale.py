@@ -20,7 +20,6 @@ import torch
 from kdstore.store import open_store
 from kdstore.store.index import IndexSpec, build_index
 from kdstore.store.mine import MineSpec, mine
-from kdstore.store.mine_exact import ExactIndex
 from kdstore.store.retrieval import StoreField, build_store_index, load_negatives, mine_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -75,13 +74,15 @@ def test_streamed_index_build_is_bounded_and_equals_the_in_memory_build(store):
         np.testing.assert_array_equal(a, b)
 
 
-def test_exact_mining_holds_one_prepared_copy_and_equals_the_in_memory_path(store):
+def test_index_mining_reads_the_store_in_bounded_memory_and_equals_the_in_memory_path(store):
     s, full = store
-    spec = MineSpec(num_negatives=3, positive="label", batch_rows=1024)
-    (path, _), peak = _peak(lambda: mine_store(s, TEACHER, "embedding", spec, name="m", progress=False))
-    assert peak < 1.6 * FULL, f"exact mining peaked at {peak / 2**20:.1f} MiB (one copy: {FULL / 2**20:.1f})"
+    spec = MineSpec(num_negatives=3, positive="none", batch_rows=1024)
+    index_spec = IndexSpec(kind="ivf", nlist=64, add_batch_rows=2048, train_rows=4096)
+    (path, _), peak = _peak(lambda: mine_store(s, TEACHER, "embedding", spec, name="m", index_spec=index_spec,
+                                                progress=False))
+    assert peak < 0.6 * FULL, f"mining peaked at {peak / 2**20:.1f} MiB (one copy: {FULL / 2**20:.1f})"
     got, _ = load_negatives(s, "m")
-    want = mine(ExactIndex(full), full, spec, labels=s.labels, progress=False)
+    want = mine(build_index(full, index_spec), full, spec, progress=False)
     for column in ("row", "positive_row", "negative_rows", "negative_scores"):
         assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
 
