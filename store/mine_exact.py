@@ -6,7 +6,8 @@ matrix is reduced to its top ``k`` (``torch.topk``) before the next one is compu
 is sized from a memory budget, ``block = max(1, score_bytes // (4·n))`` rows, so the transient
 score matrix never exceeds ``score_bytes`` (default :data:`SCORE_BLOCK_BYTES`, 16 MiB; at
 least one row). Peak memory beyond the caller's vectors: the prepared copy (``4·n·d`` bytes)
-plus one score block plus the ``[b, k]`` results.
+plus one score block plus the ``[b, k]`` results; the copy is filled from the source
+(an array or a store field) :data:`FILL_BLOCK_ROWS` rows at a time.
 
 Threads: torch's intra-op pool (``torch.set_num_threads``).
 
@@ -29,6 +30,8 @@ SCORE_BLOCK_BYTES = 16 * 2**20  # 5,000 × 384 rows: as fast as 64 MiB, 4 MiB is
 # Mining defaults to the exact path up to this many indexed rows, HNSW above: exact costs
 # O(n²·d) (27.8k MiniLM rows: a few seconds on 2 cores), HNSW O(n log n) plus its build.
 EXACT_MAX_ROWS = 50_000
+# Rows read from the source per step while filling the prepared copy (384-d: 3 MiB a block).
+FILL_BLOCK_ROWS = 2048
 
 
 class ExactIndex:
@@ -61,8 +64,9 @@ class ExactIndex:
         if self.row_ids.shape != (n,):
             raise InputError(f"row_ids must have shape ({n},), got {self.row_ids.shape}")
         x = np.empty((n, self.dim), dtype=np.float32)
-        for a in range(0, n, add_batch_rows):
-            x[a : a + add_batch_rows] = prepare_vectors(vectors[a : a + add_batch_rows], metric)
+        step = max(1, min(add_batch_rows, FILL_BLOCK_ROWS))  # read, convert, normalise one block at a time
+        for a in range(0, n, step):
+            x[a : a + step] = prepare_vectors(vectors[a : a + step], metric)
         self._x = torch.from_numpy(x)
         self._sq = (self._x * self._x).sum(1) if metric == "l2" else None
         self.block_rows = max(1, score_bytes // (4 * n))

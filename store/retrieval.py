@@ -80,8 +80,11 @@ def load_negatives(store: Store | str | os.PathLike[str], name: str):
 class StoreField:
     """A stored field as a read-only ``[num_rows, dim]`` array, read in row blocks on demand.
 
-    ``field[a:b]`` and ``field[int_array]`` go through ``TeacherData.read`` (one contiguous
-    read per touched shard), so nothing holds the whole field in memory.
+    ``field[a:b]`` reads each touched shard's rows as one contiguous slice; ``field[int_array]``
+    reads only the Zarr chunks (:data:`kdstore.store.writer.CHUNK_ROWS` rows) that hold the
+    asked rows, one chunk at a time, so a scattered gather costs its chunks, never whole
+    shards, and decodes one chunk at once. Nothing holds the
+    whole field in memory; the open shard arrays are kept (handles, not data).
     """
 
     def __init__(self, teacher: TeacherData, field: str) -> None:
@@ -96,14 +99,41 @@ class StoreField:
         self.teacher, self.field = teacher, field
         self.shape = (teacher.store.num_rows, int(spec.shape[0]))
         self.dtype = np.dtype(spec.dtype)
+        self._starts = np.asarray(teacher.store.shard_starts, dtype=np.int64)
+        self._arrays: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def _array(self, shard_index: int) -> Any:
+        if shard_index not in self._arrays:
+            self._arrays[shard_index] = self.teacher._group(shard_index)[self.field]
+        return self._arrays[shard_index]
+
     def __getitem__(self, sel: Any) -> np.ndarray:
+        """``[len(sel), dim]`` in the stored dtype, rows in the order asked."""
         if isinstance(sel, slice):
-            sel = np.arange(*sel.indices(self.shape[0]))
-        return self.teacher.read(self.field, np.asarray(sel, dtype=np.int64))
+            a, b, step = sel.indices(self.shape[0])
+            if step == 1:
+                return self.teacher.read(self.field, np.arange(a, b, dtype=np.int64))
+            sel = np.arange(a, b, step)
+        rows = np.asarray(sel, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise InputError(f"rows must be in [0, {self.shape[0]}), got {rows.min()}..{rows.max()}")
+        out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for shard_index in np.unique(shard_of):
+            pos = np.nonzero(shard_of == shard_index)[0]
+            local = rows[pos] - self._starts[shard_index]
+            uniq, inverse = np.unique(local, return_inverse=True)
+            array = self._array(int(shard_index))
+            block = np.empty((len(uniq), self.shape[1]), dtype=self.dtype)
+            # One Zarr chunk at a time: a whole-shard selection decodes all its chunks at once.
+            starts = np.flatnonzero(np.diff(uniq // int(array.chunks[0]))) + 1
+            for part in np.split(np.arange(len(uniq)), starts):
+                block[part] = array.get_orthogonal_selection((uniq[part], slice(None)))
+            out[pos] = block[inverse]
+        return out
 
 
 def read_field(store: Store | str | os.PathLike[str], teacher: str, field: str = EMBEDDING) -> np.ndarray:
@@ -129,13 +159,14 @@ def build_store_index(
     field: str = "embedding",
     spec: IndexSpec | None = None,
     *,
-    in_memory: bool = True,
+    in_memory: bool = False,
     progress: bool = True,
 ) -> tuple[VectorIndex, Path]:
     """Index every valid row of ``teacher``'s ``field`` and save it under ``STORE/index/``.
 
-    ``in_memory=False`` streams the field from the store in ``add_batch_rows`` blocks
-    instead of reading it whole first.
+    The field streams from the store: the training sample, then ``add_batch_rows`` blocks
+    (memory: the index, the sample and one block; ``docs/RETRIEVAL.md`` "At a million rows").
+    ``in_memory=True`` reads the whole field first (the former path; same index).
     """
     s = _store(store)
     if spec is not None and spec.kind == "exact":
@@ -198,7 +229,8 @@ def get_or_build_index(
     ``options``: only the :class:`IndexSpec` fields the user gave (``spec``: all of them). Rule:
 
     - no ``kind``: ``exact`` when the teacher has at most :data:`EXACT_MAX_ROWS` valid rows;
-      above, the saved index when there is one, else HNSW.
+      above, the saved index when there is one, else IVF (at 10^5 rows it beats HNSW's
+      defaults on recall and speed: docs/RETRIEVAL.md "At a million rows").
     - ``exact``: built in memory from the field (never saved; ``rebuild`` is refused).
     - a FAISS kind: the saved index when its kind, metric and given build parameters match
       (given ``nprobe`` / ``ef_search`` are set on it), else the requested one is built and
@@ -221,13 +253,13 @@ def get_or_build_index(
         elif json_path.is_file() and not rebuild:
             kind, why = read_index_metadata(json_path.with_suffix(".faiss"))["kind"], " (the saved index)"
         else:
-            kind, why = "hnsw", f" (the default above {EXACT_MAX_ROWS:,} rows)"
+            kind, why = "ivf", f" (the default above {EXACT_MAX_ROWS:,} rows)"
     check_options_apply(kind, given, why=why)
     metric = given.get("metric", "cosine")
     if kind == "exact":
         if rebuild:
             raise InputError(f"--rebuild-index: the exact path{why} has no saved index to rebuild; give --kind for one")
-        vectors = t.read(field)
+        vectors = StoreField(t, field)  # streamed into ExactIndex's one prepared copy
         subset = vectors if len(rows) == s.num_rows else _Rows(vectors, rows)
         index = ExactIndex(subset, metric=metric, row_ids=rows, meta={"teacher": teacher, "field": field})
         return index, f"exact {metric}{why}, built in memory in {index.build_seconds:.2f} s"
@@ -313,10 +345,15 @@ def mine_store(
         raise InputError(f"store {s.path} has no labels: use --positive none or --positive pairs")
     name = name or (teacher if field == "embedding" else f"{teacher}.{field}")
     path = negatives_path(s, name)
+    # FAISS kinds (large stores): query batches, positives and candidates read from the store.
+    # exact (at most EXACT_MAX_ROWS rows by default): the field in memory, because label-positive
+    # fallback scans re-read each label's rows per query batch, slow through Zarr chunks.
+    t = s.teacher(teacher)
+    vectors = t.read(field) if index.spec.kind == "exact" else StoreField(t, field)
     stats = write_negatives(
         path,
         index,
-        s.teacher(teacher).read(field),
+        vectors,
         spec,
         labels=labels,
         positive_rows=positive_rows,
