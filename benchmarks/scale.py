@@ -149,7 +149,7 @@ def phase_index(work: Path, kind: str, mine_queries: int) -> dict:
     from kdstore.store import open_store
     from kdstore.store.index import IndexSpec
     from kdstore.store.mine import MineSpec, MineStats, iter_negatives
-    from kdstore.store.retrieval import StoreField, build_store_index, index_path
+    from kdstore.store.retrieval import StoreField, build_store_index
 
     store = open_store(work / "store")
     index, path = build_store_index(store, TEACHER, "embedding", IndexSpec(kind=kind), progress=False)
@@ -227,7 +227,6 @@ def main() -> None:
             for s in r["searches"]:
                 s["speed_vs_exact"] = exact["search_s"] / s["search_s"]
             results.append(r)
-            d = next(s for s in r["searches"] if s["default"])
             print(f"{kind} {r['params']}: build {r['build_s']:.1f} s, index {r['index_bytes'] / 2**20:.0f} MiB, "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB, mine {r['mine_s']:.1f} s / {r['mine_queries']:,} queries "
                   f"(all rows ~{r['mine_s_all_rows']:.0f} s)", flush=True)
