@@ -5,7 +5,6 @@ Shape conventions and masking rules: :mod:`kdstore.train.losses`.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -169,89 +168,5 @@ def taid_loss(
     return _weighted_mean(per_row, w)
 
 
-class TaidSchedule:
-    """TAID's adaptive interpolation coefficient (Shing et al., ICLR 2025, arXiv:2501.16937).
-
-    After each step with objective value ``J_n``:
-
-    - ``delta_n = (J_{n-1} - J_n) / (J_{n-1} + 1e-15)`` (relative improvement),
-    - ``m_n = beta * m_{n-1} + (1 - beta) * delta_n`` (momentum),
-    - ``lam_{n+1} = min(end, max(lam_linear(n), lam_n + alpha * sigmoid(m_n) * (1 - lam_n)))``,
-
-    where ``lam_linear(n) = start + (end - start) * n / total_steps`` is a floor that
-    guarantees ``lam`` reaches ``end`` by the last step. ``lam`` moves faster while the student
-    keeps improving and never decreases. The first call only records ``J``. Rule and defaults
-    (start 0.4, end 1.0, alpha 5e-4, beta 0.99) follow the reference code released with the
-    paper (``TAID.update_t``); ``adaptive=False`` gives the plain linear schedule.
-
-    Args:
-        total_steps (int): number of optimizer steps in the run (> 0).
-        start (float): initial lam in [0, 1).
-        end (float): final lam in (start, 1].
-        alpha (float): step size of the adaptive increase, in [0, 1].
-        beta (float): momentum coefficient in [0, 1).
-        adaptive (bool): use the adaptive rule (True) or only the linear floor.
-    """
-
-    def __init__(
-        self,
-        total_steps: int,
-        *,
-        start: float = 0.4,
-        end: float = 1.0,
-        alpha: float = 5e-4,
-        beta: float = 0.99,
-        adaptive: bool = True,
-    ) -> None:
-        if int(total_steps) < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if not 0.0 <= start < 1.0:
-            raise ValueError(f"start must be in [0, 1), got {start}")
-        if not start < end <= 1.0:
-            raise ValueError(f"end must be in (start, 1] = ({start}, 1], got {end}")
-        _unit_interval("alpha", alpha)
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
-        self.total_steps = int(total_steps)
-        self.start = float(start)
-        self.end = float(end)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.adaptive = bool(adaptive)
-        self.lam = float(start)
-        self.momentum = 0.0
-        self.prev_loss: float | None = None
-
-    def update(self, loss: float | Tensor, step: int) -> float:
-        """Record the objective ``loss`` observed at optimizer step ``step``; return the new lam."""
-        value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-        if not math.isfinite(value):
-            raise ValueError(f"loss must be finite, got {value}")
-        if self.prev_loss is None:
-            self.prev_loss = value
-            return self.lam
-        progress = min(max(int(step), 0) / self.total_steps, 1.0)
-        linear = self.start + (self.end - self.start) * progress
-        if self.adaptive:
-            relative = (self.prev_loss - value) / (self.prev_loss + 1e-15)
-            self.momentum = self.beta * self.momentum + (1.0 - self.beta) * relative
-            increase = self.alpha * (1.0 / (1.0 + math.exp(-self.momentum))) * (1.0 - self.lam)
-            self.lam = min(self.end, max(linear, self.lam + increase))
-        else:
-            self.lam = linear
-        self.prev_loss = value
-        return self.lam
-
-    def state_dict(self) -> dict[str, float | None]:
-        """The mutable state, for checkpoints."""
-        return {"lam": self.lam, "momentum": self.momentum, "prev_loss": self.prev_loss}
-
-    def load_state_dict(self, state: dict[str, float | None]) -> None:
-        """Restore what ``state_dict`` returned."""
-        missing = {"lam", "momentum", "prev_loss"} - set(state)
-        if missing:
-            raise ValueError(f"TaidSchedule state is missing {sorted(missing)}")
-        self.lam = float(state["lam"])  # type: ignore[arg-type]
-        self.momentum = float(state["momentum"])  # type: ignore[arg-type]
-        prev = state["prev_loss"]
-        self.prev_loss = None if prev is None else float(prev)
+# One TAID schedule for the library and the LM trainer (kdstore.train.losses_tokens).
+from kdstore.train.losses_tokens import TaidSchedule  # noqa: E402,F401
