@@ -31,7 +31,7 @@ import zarr
 
 from kdstore.store import layout
 from kdstore.store.atomic import fsync_dir, fsync_tree, write_json_atomic
-from kdstore.store.inputs import record_url
+from kdstore.store.inputs import input_fingerprint, record_url
 from kdstore.store.fs import is_remote, remove_tree, tree_bytes, write_parquet, zarr_store
 from kdstore.store.layout import OFFSETS_SUFFIX, VALID_ARRAY, VIEWS_ARRAY
 from kdstore.store.lock import check_fence
@@ -51,14 +51,6 @@ def array_sha256(array: np.ndarray) -> str:
     """Checksum of an array's logical content: dtype, shape and C-order bytes."""
     digest = hashlib.sha256(f"{array.dtype.str}:{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
-def input_fingerprint(urls: Sequence[str], keys_per_shard: Sequence[Sequence[str]]) -> str:
-    digest = hashlib.sha256()
-    for url, keys in zip(urls, keys_per_shard):
-        digest.update(f"{url}\0{len(keys)}\0".encode())
-        digest.update("\0".join(keys).encode())
     return "sha256:" + digest.hexdigest()
 
 
