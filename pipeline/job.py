@@ -32,7 +32,7 @@ from kdstore.store import layout
 from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
 from kdstore.store.inputs import has_scheme, missing_local, normalize_url, recorded_to_absolute, shard_urls
-from kdstore.store.fs import is_remote
+from kdstore.store.fs import is_remote, remote_errors
 from kdstore.store.lock import StoreLock, store_lock
 from kdstore.store.reader import open_store
 from kdstore.store.schema import OutputSpec, TeacherSpec
@@ -268,8 +268,9 @@ def preflight(cfg: PrecomputeConfig) -> list[str]:
     if missing and (cfg.on_error == "fail" or len(missing) == len(urls)):
         more = f" ({len(missing)} of {len(urls)} input shards are missing)" if len(missing) > 1 else ""
         raise InputError(f"shard {missing[0]}: not found{more}")
-    if cfg.store.exists() and not cfg.store.is_dir():
-        raise InputError(f"--store {cfg.store} is a file; give a folder (created if missing)")
+    with remote_errors(f"store {cfg.store}"):  # an object store answers here first: missing credentials are one line
+        if cfg.store.exists() and not cfg.store.is_dir():
+            raise InputError(f"--store {cfg.store} is a file; give a folder (created if missing)")
     return urls
 
 
