@@ -211,8 +211,10 @@ class Store:
         return TeacherData(self, TeacherSpec.from_json(read_json(path, layout.TEACHER_FILE)))
 
     def select_shards(self, selectors: Iterable[str | int] | None) -> list[ShardInfo]:
-        """Shards by index, ``"A..B"`` index range (inclusive), exact URL or URL substring
-        (``"train-"``), in store order; all when None."""
+        """Shards by index, ``"A..B"`` index range (inclusive), exact URL, or a substring of the
+        shard's file name (``"train-"``; a selector with ``/`` is a substring of the whole URL),
+        in store order; all when None. File names, because stores record absolute paths and a
+        folder name must not select (``/tmp/pytest-1/...`` contains ``test-``)."""
         if selectors is None:
             return list(self.shards)
         chosen: dict[int, ShardInfo] = {}
@@ -224,7 +226,8 @@ class Store:
                     raise InputError(f"shard range {text}: store {self.path} has {len(self.shards)} shards")
                 matches = list(self.shards[int(first) : int(last) + 1])
             else:
-                matches = [s for s in self.shards if (text.isdigit() and s.index == int(text)) or s.url == text or text in s.url]
+                matches = [s for s in self.shards if (text.isdigit() and s.index == int(text)) or s.url == text
+                           or text in (s.url if "/" in text else s.url.rstrip("/").rsplit("/", 1)[-1])]
             if not matches:
                 raise InputError(f"no shard of store {self.path} matches {text!r}")
             chosen.update((s.index, s) for s in matches)
