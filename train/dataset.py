@@ -29,6 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
 from kdstore.store.errors import InputError, StoreMismatchError
+from kdstore.store.hashing import mix64
 from kdstore.store.inputs import check_inputs, mismatch_error, missing_local, moved_error, shard_urls
 from kdstore.store.layout import VIEWS_ARRAY
 from kdstore.store.reader import Store, open_store
@@ -37,7 +38,7 @@ from kdstore.store.shards import expand_urls, iter_samples
 from kdstore.train.inputs import STORE_TRANSFORM, InputSpec, stack_inputs
 from kdstore.train.labels import LabelsSpec, labeled_mask  # noqa: F401 (labeled_mask: re-exported)
 from kdstore.train.plan import (  # noqa: F401 (re-exported: they used to live here)
-    Segment, SlotPlan, mix64, shard_order, shuffle_order, split_contiguous,
+    Segment, SlotPlan, shard_order, shuffle_order, split_contiguous,
 )
 
 # Online augmentation of epoch e draws view index ONLINE_VIEW_BASE - e: disjoint from the stored 0..V-1.
@@ -476,5 +477,5 @@ def collate(items: list[dict]) -> dict:
 
 
 def select_shards(store: Store, selectors: Sequence[str | int] | None) -> list[ShardInfo]:
-    """Shards by index, URL substring, or ``"A..B"`` index range (inclusive); all when None."""
+    """Shards as :meth:`Store.select_shards` picks them (index, file-name substring, ``"A..B"``); all when None."""
     return store.select_shards(selectors)

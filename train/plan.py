@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdstore.store.hashing import mix64 as mix64_
 from kdstore.store.schema import ShardInfo
 
 
@@ -81,8 +80,3 @@ def shuffle_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndar
     tail = n - len(buf)
     out[tail:] = np.asarray(buf, dtype=np.int64)[rng.permutation(len(buf))]
     return out
-
-
-def mix64(*parts: np.ndarray | int) -> np.ndarray:
-    """splitmix64 over the given integers (broadcast): a cheap, stable per-row hash."""
-    return mix64_(*parts)
