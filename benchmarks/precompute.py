@@ -24,6 +24,17 @@ Sides alternate within each repeat (``--repeats``, default 3); median and min ar
     python benchmarks/precompute.py --data DIR --weights teacher.pt [--shards 10] [--repeats 3]
     python benchmarks/precompute.py --data DIR --investigate      # start-up breakdown only
 Prints a table and writes benchmarks/results/precompute.json.
+
+One read of the inputs (``--one-read --before-ref REF``): this tree's ``kdstore precompute``
+(``kdstore``) against the kdstore of git commit REF (``kdstore-before``: ``git archive`` of it,
+run through PYTHONPATH), sides alternating, fresh commands, same teacher and shards. Reports
+``first_shard_s`` (command start → first done record) and input bytes read ÷ input size:
+workers' bytes from the done records (``extra.input_bytes``, counted on the shard stream)
+plus the driver's, counted here on the same stream by running each version's planning step
+in this process (this tree: ``plan_store``; REF's: ``list_shard`` of every shard, which is
+what its planner ran). Writes benchmarks/results/precompute_oneread.json.
+
+    python benchmarks/precompute.py --data DIR --weights teacher.pt --one-read --before-ref 2ca09ee --shards 4
 """
 
 from __future__ import annotations
@@ -102,8 +113,11 @@ def _env() -> dict:
     return env
 
 
-def run_side(side: str, urls: list[str], teacher: str, weights: str | None, batch: int, workers: int, work: Path) -> dict:
-    """Start one side as a fresh command; returns its timeline (seconds from the command start)."""
+def run_side(side: str, urls: list[str], teacher: str, weights: str | None, batch: int, workers: int, work: Path,
+             before: Path | None = None) -> dict:
+    """Start one side as a fresh command; returns its timeline (seconds from the command start).
+
+    ``kdstore-before`` runs the kdstore under ``before`` (:func:`old_tree`) instead of this one."""
     log = work / "forward.log"
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -111,6 +125,8 @@ def run_side(side: str, urls: list[str], teacher: str, weights: str | None, batc
     urls_file = work / "urls.txt"
     urls_file.write_text("\n".join(urls))
     env = _env()
+    if side == "kdstore-before":
+        env["PYTHONPATH"] = os.pathsep.join([str(before), env["PYTHONPATH"]])
     if side.startswith("kdstore"):
         if side == "kdstore-serial":  # as before the reader thread: read+decode, then forward, in turn
             env["KDSTORE_PREFETCH"] = "0"
@@ -140,7 +156,10 @@ def run_side(side: str, urls: list[str], teacher: str, weights: str | None, batc
         if len(mine) > 1 and mine[-1][0] > mine[0][0]:
             per_proc[pid] = (sum(n for _, n in mine) - mine[0][1]) / (mine[-1][0] - mine[0][0])
     firsts = [min(float(x[0]) for x in lines if x[2] == pid) for pid in {x[2] for x in lines}]
+    records = [json.loads(p.read_text()) for p in out.glob("teachers/*/done/*.json")] if side.startswith("kdstore") else []
+    counted = [r.get("extra", {}).get("input_bytes") for r in records]
     return {
+        "input_bytes_workers": sum(counted) if counted and None not in counted else None,
         "side": side, "teacher": teacher, "workers": workers if side != "plain" else 1, "samples": rows,
         "wall_s": t_end - t0, "startup_s": times[0] - t0, "first_shard_s": min(stored) - t0 if stored else None,
         "steady_sps": (rows - first_rows) / (times[-1] - times[0]) if times[-1] > times[0] else None,
@@ -206,10 +225,12 @@ refs = [a.describe.remote() for a in actors]
 t["actors_created"] = time.time()
 from concurrent.futures import ThreadPoolExecutor
 with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-    listings = list(pool.map(job.list_shard, urls))
+    from kdstore.store.shards import list_shard
+    listings = list(pool.map(list_shard, urls))
 t["plan_listing_all_shards"] = time.time()
 ray.get(refs); t["actors_ready_teacher_loaded"] = time.time()
 ray.get([a.describe.remote() for a in actors]); t["actor_call_roundtrip"] = time.time()
+# (plan_listing_all_shards: what the format 1 planner did before the teacher; precompute no longer does it)
 for a in actors: ray.kill(a)
 ray.shutdown(); t["ray_shutdown"] = time.time()
 print(json.dumps(t))
@@ -230,6 +251,120 @@ def startup_breakdown(urls: list[str], teacher: str, weights: str | None, worker
         out[name] = {"at_s": round(value - t0, 3), "step_s": round(value - prev, 3)}
         prev = value
     return out
+
+
+# --------------------------------------------------------------------------- one read of the inputs
+
+
+def old_tree(ref: str, work: Path) -> Path:
+    """``git archive REF`` as an importable ``kdstore`` namespace (put the result first on PYTHONPATH)."""
+    src, ns = work / "src", work / "ns" / "kdstore"
+    src.mkdir(parents=True)
+    ns.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", ref], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    for package in ("pipeline", "store", "train", "cli"):
+        (ns / package).symlink_to(src / package)
+    return ns.parent
+
+
+class _Counted:
+    def __init__(self, raw, total: list[int]) -> None:
+        self.raw, self.total = raw, total
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.total[0] += len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.raw.close()
+
+
+def driver_bytes(urls: list[str], work: Path) -> dict:
+    """Input bytes each version's driver reads before the first teacher batch, counted on the shard stream."""
+    from kdstore.pipeline import job
+    from kdstore.pipeline.teacher import TeacherLoad
+    from kdstore.store import shards
+
+    real_open, total = shards._open, [0]
+    shards._open = lambda url: _Counted(real_open(url), total)
+    try:
+        for url in urls:  # the format 1 planner: list_shard of every shard (driver threads)
+            shards.list_shard(url)
+        before, total[0] = total[0], 0
+        cfg = job.PrecomputeConfig(store=work / "plan", inputs=tuple(urls), progress=False,
+                                   teacher=TeacherLoad(factory="kdstore.pipeline.zoo:fashion_cnn", name="cnn"))
+        job.plan_store(cfg, urls)
+        after = total[0]
+    finally:
+        shards._open = real_open
+    return {"kdstore-before": before, "kdstore": after}
+
+
+def one_read(args, urls: list[str], workers: int) -> None:
+    import torch
+
+    if not args.before_ref:
+        raise SystemExit("--one-read needs --before-ref REF (the commit to compare with, e.g. the branch point)")
+    size = sum(os.path.getsize(u) for u in urls)
+    work = Path(tempfile.mkdtemp(prefix="kdbench-oneread-"))
+    runs: list[dict] = []
+    sides = ("kdstore-before", "kdstore")
+    try:
+        before = old_tree(args.before_ref, work / "old")
+        driver = driver_bytes(urls, work)
+        for rep in range(args.repeats):
+            for side in (sides if rep % 2 == 0 else sides[::-1]):
+                r = run_side(side, urls, args.teachers[0], args.weights, args.batch_size, workers, work, before=before)
+                r["repeat"] = rep
+                r["input_bytes_driver"] = driver[side]
+                runs.append(r)
+                print(f"rep {rep} {side:15s} 1st shard {r['first_shard_s']:6.2f}s wall {r['wall_s']:6.1f}s "
+                      f"load {r['loadavg_1min_before']:.1f}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # The worker read path (read each shard to its end-of-archive block, once) is the same code in
+    # both versions; REF's done records do not count it, so its workers' bytes are this tree's.
+    workers_bytes = next(r["input_bytes_workers"] for r in runs if r["side"] == "kdstore")
+    rows = []
+    for side in sides:
+        rs = [r for r in runs if r["side"] == side]
+        read = driver[side] + workers_bytes
+        rows.append({"side": side, "first_shard_s": _stats([r["first_shard_s"] for r in rs]),
+                     "wall_s": _stats([r["wall_s"] for r in rs]), "input_bytes_driver": driver[side],
+                     "input_bytes_workers": workers_bytes, "input_bytes_read": read, "read_ratio": read / size})
+    base = rows[0]["first_shard_s"]["median"]
+    print(f"\none read of the inputs: {len(urls)} shards ({size / 2**20:.1f} MiB), teacher {args.teachers[0]}, "
+          f"{workers} actors, {args.repeats} repeats, load {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs, shared)")
+    print(f"{'side':15s} {'bytes read / input':>19s} {'1st shard s (median / min / max)':>33s} {'÷ before':>9s} {'wall s':>8s}")
+    for r in rows:
+        fs = r["first_shard_s"]
+        print(f"{r['side']:15s} {r['read_ratio']:19.3f} {fs['median']:13.2f} / {fs['min']:6.2f} / {fs['max']:6.2f} "
+              f"{fs['median'] / base:9.2f} {r['wall_s']['median']:8.1f}")
+    result = {
+        "what": "one read of the inputs: input bytes read / input size and command start -> first stored shard, "
+                f"this tree vs kdstore at {args.before_ref}",
+        "command": " ".join(sys.argv),
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "shared": "yes: ~6 engineers on 2 cores",
+                    "loadavg_1min_end": round(os.getloadavg()[0], 2), "torch": torch.__version__},
+        "before_ref": args.before_ref, "shards": [Path(u).name for u in urls], "input_bytes": size,
+        "workers": workers, "batch_size": args.batch_size, "teacher": args.teachers[0], "repeats": args.repeats,
+        "definitions": {
+            "read_ratio": "(driver bytes + workers' bytes) / sum of shard file sizes; bytes counted on the shard stream",
+            "input_bytes_driver": "counted in this process running each version's planning step (before: list_shard of "
+                                  "every shard, as its planner did; now: plan_store)",
+            "input_bytes_workers": "sum of the done records' extra.input_bytes of a kdstore run (same worker read in both)",
+            "first_shard_s": "command start -> first done record (median, min, max over repeats)"},
+        "table": rows, "runs": runs,
+    }
+    path = args.json if args.json != HERE / "results" / "precompute.json" else HERE / "results" / "precompute_oneread.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {path}")
 
 
 # --------------------------------------------------------------------------- main
@@ -256,6 +391,9 @@ def main() -> None:
                         choices=("dataloader", "kdstore", "kdstore-serial", "plain"),
                         help="kdstore-serial: kdstore without the reader thread (KDSTORE_PREFETCH=0), the state before it")
     parser.add_argument("--investigate", action="store_true", help="only the start-up breakdown")
+    parser.add_argument("--one-read", action="store_true",
+                        help="only the one-read comparison: this tree vs --before-ref (bytes read / input size, time to first shard)")
+    parser.add_argument("--before-ref", default=None, help="git commit of the kdstore to compare with (--one-read)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "precompute.json")
     args = parser.parse_args()
 
@@ -266,6 +404,9 @@ def main() -> None:
     if len(urls) < args.shards:
         raise SystemExit(f"{args.data}: fewer than {args.shards} train shards; run `kdstore shards fashion-mnist {args.data}`")
     workers = args.workers or int(max(1, min(4, os.cpu_count() or 1)))
+    if args.one_read:
+        one_read(args, urls, workers)
+        return
     lists = ((urls, len(urls)), (all_urls, len(all_urls))) if args.investigate else ((urls, len(urls)),)
     teachers = args.teachers if args.investigate else args.teachers[:1]
     breakdown = {f"{t}, {workers} actors, {n} shards listed": startup_breakdown(u, t, args.weights, workers)

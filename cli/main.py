@@ -168,6 +168,8 @@ def info_cmd(store_path: Path, as_json: bool, plot_path: Path | None = None, sho
     console.print(
         f"[bold]{summary['path']}[/]  format v{summary['format_version']}  rows {summary['rows']:,} "
         f"({summary['labeled_rows']:,} labeled)  shards {summary['shards']}"
+        + (f"  [yellow]+ {summary['pending_shards']} pending[/] (not listed yet: precompute unfinished; "
+           "rows so far are final)" if summary.get("pending_shards") else "")
     )
     for skipped in summary["skipped_shards"]:
         console.print(f"[yellow]skipped input shard[/] {skipped['url']}: {skipped['reason']}")
@@ -186,7 +188,8 @@ def info_cmd(store_path: Path, as_json: bool, plot_path: Path | None = None, sho
                 console.print(f"  {f['field']}: {f['bytes_per_token']:.2f} bytes/token on disk "
                               f"({f['raw_bytes_per_token']} raw) over {f['tokens']:,} tokens")
         for s in t["skipped_examples"]:
-            console.print(f"  [yellow]skipped[/] row {s['row']} key {s['key']}: {s['reason']}")
+            where = f"row {s['row']}" if s.get("row") is not None else f"shard {s['shard']} sample {s['index_in_shard']}"
+            console.print(f"  [yellow]skipped[/] {where} key {s['key']}: {s['reason']}")
     for idx in summary["indexes"]:
         if "error" in idx:
             console.print(f"[red]{idx['error']}[/]")
@@ -205,8 +208,10 @@ def _print_keys(store_path: Path, *, limit: int, shard: int | None, as_json: boo
     table = store.samples()
     rows = np.arange(store.num_rows)
     if shard is not None:
-        if not 0 <= shard < len(store.shards):
-            raise InputError(f"--shard must be in 0..{len(store.shards) - 1}, got {shard}")
+        if shard not in store.numbered:
+            indices = [s.index for s in store.shards]
+            raise InputError(f"--shard must be one of the store's shards ({indices[0]}..{indices[-1]}), got {shard}"
+                             if indices else f"store {store.path} has no shard with rows yet")
         rows = rows[table.column("shard").to_numpy() == shard]
     total = len(rows)
     rows = rows[offset:] if not limit else rows[offset : offset + limit]

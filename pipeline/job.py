@@ -1,5 +1,9 @@
-"""The precompute job: plan rows → run whole shards on Ray actors → done records.
+"""The precompute job: record the input shards → run whole shards on Ray actors → listings and
+done records → seal the row plan.
 
+No input byte is read before the teacher runs: each worker lists its shard's keys while it
+reads the shard for the teacher, and writes that listing with the shard's outputs
+(:mod:`kdstore.store.listing`); once every shard is listed the job seals the store's rows.
 One actor per worker loads the teacher once; each task owns whole shards; finished shards
 (those with a done record) are never recomputed, so a rerun resumes. A lock keeps a second
 job off the same store; ``overwrite`` also takes the readers' lock exclusively, so it is
@@ -16,7 +20,6 @@ import re
 import shutil
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,13 +34,14 @@ from kdstore.pipeline.worker import ShardProcessor
 from kdstore.store import layout
 from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
-from kdstore.store.inputs import has_scheme, missing_local, normalize_url, recorded_to_absolute, shard_urls
+from kdstore.store.inputs import has_scheme, missing_local, normalize_url, recorded_to_absolute
 from kdstore.store.fs import is_remote, remote_errors
+from kdstore.store.listing import read_listing, seal, start_plan
 from kdstore.store.lock import StoreLock, store_lock
-from kdstore.store.reader import open_store
-from kdstore.store.schema import OutputSpec, TeacherSpec
-from kdstore.store.shards import expand_urls, list_shard
-from kdstore.store.writer import clean_partial, write_plan, write_teacher_spec
+from kdstore.store.reader import Store, open_store
+from kdstore.store.schema import FORMAT_VERSION, OutputSpec, ShardInfo, TeacherSpec, check_format_version
+from kdstore.store.shards import expand_urls
+from kdstore.store.writer import clean_partial, write_teacher_spec
 
 DTYPES = ("float16", "float32")
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # "Token authentication is enabled ..."
@@ -169,22 +173,26 @@ def _unwrap(exc: Exception) -> Exception:
     return exc
 
 
-def _list_or_error(url: str):
-    try:
-        return list_shard(url)
-    except InputError as exc:
-        return exc
+def plan_store(cfg: PrecomputeConfig, urls: list[str]) -> Store:
+    """Reuse the store when the inputs match; otherwise record the input shards (``store.json``).
 
-
-def plan_store(cfg: PrecomputeConfig, urls: list[str]):
-    """Reuse the store's row plan when the inputs match; otherwise list every shard and write one."""
+    Nothing is read from the inputs here: the workers list each shard as they read it for the
+    teacher (:mod:`kdstore.store.listing`). A format 1 store is refused (``--overwrite`` starts it over).
+    """
     root = cfg.store
     if layout.store_file(root).exists():
+        old_format = check_format_version(read_json(layout.store_file(root), layout.STORE_FILE)) < FORMAT_VERSION
         store = open_store(root)
         planned = [recorded_to_absolute(store, u) for u in store.manifest.input_urls]
         given = [normalize_url(u) for u in urls]  # a/b/../x.tar and a/x.tar name the same shard
-        if planned != given:
+        if planned != given or old_format:
             if not cfg.overwrite:
+                if old_format:
+                    raise StoreMismatchError(
+                        f"store {root} is format {store.manifest.format_version} (kdstore {store.manifest.kdstore_version}); "
+                        f"this kdstore reads it but precomputes into format {FORMAT_VERSION} stores only: use another "
+                        "--store, or --overwrite to delete it and start over"
+                    )
                 first = next((i for i, (p, g) in enumerate(zip(planned, given)) if p != g), min(len(planned), len(given)) - 1)
                 raise StoreMismatchError(
                     f"store {root} was planned for other input shards ({len(planned)} shards, "
@@ -192,32 +200,31 @@ def plan_store(cfg: PrecomputeConfig, urls: list[str]):
                     "use another --store, or --overwrite to delete it and start over"
                 )
             shutil.rmtree(layout.teachers_dir(root), ignore_errors=True)
+            shutil.rmtree(layout.listings_dir(root), ignore_errors=True)
             for path in (layout.store_file(root), layout.samples_path(root)):
                 path.unlink(missing_ok=True)
         else:
             return store
-    # Listing is I/O (tar headers): threads in the driver, while the actors load the teacher.
-    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-        listings = list(pool.map(_list_or_error, urls))
-    kept, skipped = [], []
-    for url, listing in zip(urls, listings):
-        if isinstance(listing, Exception):
-            if cfg.on_error == "fail":
-                raise listing
-            skipped.append({"url": url, "reason": str(listing)})
-        else:
-            kept.append(listing)
-    if not kept:
-        raise InputError(f"no readable input shard; first problem: {skipped[0]['reason']}")
-    write_plan(
-        root,
-        urls=[x.url for x in kept],
-        keys_per_shard=[x.keys for x in kept],
-        labels_per_shard=[x.labels for x in kept],
-        skipped_shards=skipped,
-        input_urls=urls,
-    )
+    start_plan(root, urls)
     return open_store(root)
+
+
+def _work(store: Store) -> list[ShardInfo]:
+    """Every input shard that is not skipped, in input order, with its absolute URL (the recorded
+    one made absolute; store-relative ones under the store). Pending shards have ``row_start=None``."""
+    out = [replace(s, url=recorded_to_absolute(store, s.url)) for s in store.shards]
+    for i in store.pending_shards:
+        url = recorded_to_absolute(store, store.manifest.input_urls[i])
+        out.append(ShardInfo(index=i, url=url, row_start=None, num_rows=0))
+    return sorted(out, key=lambda s: s.index)
+
+
+def _listed_keys(store: Store, shard: ShardInfo) -> list[str] | None:
+    """The keys a worker must find in ``shard`` (listed by an earlier teacher or run), or None."""
+    if shard.row_start is not None:
+        return list(store.keys[shard.row_start : shard.row_stop])
+    table = read_listing(store.path, shard.index)
+    return None if table is None else table.column("key").to_pylist()
 
 
 def _teacher_spec(cfg: PrecomputeConfig, described: dict) -> TeacherSpec:
@@ -412,11 +419,11 @@ def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> Precom
     clean_partial(cfg.store, spec.name)
     teacher = store.teacher(spec.name)
     done = teacher.done_records()
-    todo = [s for s in store.shards if s.index not in done]
-    keys = store.keys
-    urls = shard_urls(store)  # recorded paths made absolute (store-relative ones under the store)
+    work = _work(store)
+    todo = [s for s in work if s.index not in done]
+    skipped_shards = list(store.manifest.skipped_shards)
     bar = tqdm(
-        total=sum(s.num_rows for s in todo),
+        total=None if store.pending_shards else sum(s.num_rows for s in todo),  # unknown until listed
         unit="sample",
         desc=f"precompute {spec.name}",
         disable=not cfg.progress,
@@ -434,7 +441,7 @@ def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> Precom
                 # a worker's working directory may differ from the driver's: give it an absolute path or the URL
                 root = str(cfg.store) if is_remote(cfg.store) else os.path.abspath(cfg.store)
                 ref = actor.run_shard.remote(
-                    root, spec, replace(shard, url=urls[shard.index]), list(keys[shard.row_start : shard.row_stop]),
+                    root, spec, shard, _listed_keys(store, shard),
                     batch_size=cfg.batch_size, on_error=cfg.on_error, fence_token=fence_token, progress=progress,
                 )
                 pending[ref] = (actor, shard)
@@ -448,23 +455,31 @@ def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> Precom
             except (RayTaskError, RayActorError) as exc:
                 raise _unwrap(exc) from None
             idle.append(actor)
+            if isinstance(record, dict):  # an unreadable shard, skipped for the whole store (--on-error skip)
+                skipped_shards.append(record)
+                continue
             rows_run += record.num_rows
             skipped += len(record.skipped)
-            bar.set_postfix(shards=f"{len(done) + (len(todo) - len(queue) - len(pending))}/{len(store.shards)}", skipped=skipped)
+            bar.set_postfix(shards=f"{len(done) + (len(todo) - len(queue) - len(pending))}/{len(work)}", skipped=skipped)
     finally:
         bar.close()
         for ref in pending:
             ray.cancel(ref)
         ray.kill(progress)
+    sealed = seal(cfg.store)  # every shard listed now: samples.parquet and the sealed store.json
+    if sealed is None:
+        raise InputError(f"store {cfg.store}: some input shards are still unlisted after the run; rerun precompute")
+    if not sealed.shards:
+        raise InputError(f"no readable input shard; first problem: {skipped_shards[0]['reason'] if skipped_shards else '?'}")
     return PrecomputeResult(
         store=cfg.store,
         teacher=spec.name,
-        rows=store.num_rows,
-        shards_total=len(store.shards),
-        shards_run=len(todo),
+        rows=sealed.num_rows,
+        shards_total=len(sealed.shards),
+        shards_run=len(todo) - (len(sealed.skipped_shards) - len(store.manifest.skipped_shards)),
         shards_already_done=len(done),
         samples_skipped=skipped + sum(len(r.skipped) for r in done.values()),
         seconds=time.perf_counter() - start,
-        skipped_shards=list(store.manifest.skipped_shards),
+        skipped_shards=list(sealed.skipped_shards),
         rows_run=rows_run,
     )

@@ -1,6 +1,9 @@
 """One shard through one teacher as a chain of small stages (read → preprocess → views → batch
 → forward → reduce → collect → write), each a generator over the previous one.
 
+The read stage also lists the shard (keys, labels, bytes read) as it goes, so a shard is read
+once: its rows are known when the chain ends, and the arrays grow until then.
+
 The error policy is a handler passed in (as webdataset does): a stage that meets a bad
 sample calls ``handler(SampleError)``; :func:`fail_handler` raises it, :func:`skip_handler`
 records it and the stage goes on. Errors that no policy may skip (the shard changed since
@@ -25,9 +28,9 @@ from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
 from kdstore.pipeline.reduce import bad_rows, reduce_outputs
 from kdstore.pipeline.teacher import Teacher
 from kdstore.pipeline.transform import TransformSpec
-from kdstore.store.errors import InputError, KdStoreError, TeacherOutputError
+from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError, TeacherOutputError
 from kdstore.store.schema import ShardInfo, TeacherSpec
-from kdstore.store.shards import iter_samples
+from kdstore.store.shards import LABEL_EXTENSIONS, ReadStats, iter_samples
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,10 @@ def fail_handler(err: SampleError) -> None:
 
 
 def skip_handler(skipped: list[dict]) -> Handler:
-    """``--on-error skip``: record ``{"row", "key", "reason"}`` (store row) in ``skipped`` and go on."""
+    """``--on-error skip``: record ``{"index_in_shard", "key", "reason"}`` in ``skipped`` and go on."""
 
     def handle(err: SampleError) -> None:
-        skipped.append({"row": err.shard.row_start + err.row, "key": err.key, "reason": err.reason})
+        skipped.append({"index_in_shard": err.row, "key": err.key, "reason": err.reason})
 
     return handle
 
@@ -71,31 +74,83 @@ def error_handler(on_error: str, skipped: list[dict]) -> Handler:
 
 @dataclass
 class Batch:
-    """Rows of one teacher call: ``inputs`` holds ``len(rows) * max(1, views)`` model inputs."""
+    """Rows of one teacher call: ``inputs`` holds ``len(rows) * max(1, views)`` model inputs;
+    ``params`` one ``[V, 5]`` int32 array of view parameters per row (with views only)."""
 
     rows: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     inputs: list[Any] = field(default_factory=list)
+    params: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-def read(shard: ShardInfo, keys: list[str]) -> Iterator[tuple[int, str, dict]]:
-    """``(row in shard, key, sample)`` in tar order; refuses a shard that changed since planning."""
-    n = shard.num_rows
-    seen = 0
-    for row, sample in enumerate(iter_samples(shard.url)):
-        key = sample.get("__key__", "")
-        if row >= n or key != keys[row]:
-            expected = keys[row] if row < n else "<end of shard>"
-            raise InputError(
-                f"shard {shard.url} changed since the store was planned: row {row} is {key!r}, expected {expected!r}"
-            )
-        seen += 1
-        yield row, key, sample
-    if seen != n:
-        raise InputError(f"shard {shard.url} changed since the store was planned: {seen} samples, planned {n}")
+class ShardReadError(InputError):
+    """The shard itself cannot be read or listed (not one sample): ``--on-error skip`` leaves
+    the whole shard out of the store, as an unreadable shard."""
+
+
+@dataclass
+class Listing:
+    """What the read stage learns while it reads: keys and labels ``[n]`` in tar order, bytes read."""
+
+    keys: list[str] = field(default_factory=list)
+    labels: list[int | None] = field(default_factory=list)
+    stats: ReadStats = field(default_factory=ReadStats)
+
+
+def _label(url: str, sample: dict) -> int | None:
+    for ext in LABEL_EXTENSIONS:
+        if ext in sample:
+            text = bytes(sample[ext])
+            try:
+                return int(text.decode().strip())
+            except ValueError:
+                raise ShardReadError(
+                    f"shard {url}: key {sample['__key__']!r}: label {text[:20]!r} is not an integer") from None
+    return None
+
+
+def changed_error(shard: ShardInfo, detail: str) -> StoreMismatchError:
+    return StoreMismatchError(
+        f"shard {shard.url} changed since the store listed its keys (store shard {shard.index}): {detail}. "
+        "The store's rows (and any teacher's outputs) are of the old samples: precompute the changed "
+        "shards into another --store"
+    )
+
+
+def read(shard: ShardInfo, keys: list[str] | None, listing: Listing | None = None) -> Iterator[tuple[int, str, dict]]:
+    """``(row in shard, key, sample)`` in tar order, listing each key and label into ``listing``.
+
+    ``keys``: the shard's keys as the store listed them (an earlier teacher or run), or None
+    when this is the first read; a shard whose keys differ is refused (``StoreMismatchError``).
+    A shard that cannot be read or listed (missing, truncated, a key split across the tar, a
+    label that is not an integer, no samples) raises :class:`ShardReadError`.
+    """
+    listing = Listing() if listing is None else listing
+    seen: set[str] = set()
+    row = -1
+    try:
+        for row, sample in enumerate(iter_samples(shard.url, stats=listing.stats)):
+            key = sample.get("__key__", "")
+            if keys is not None and (row >= len(keys) or key != keys[row]):
+                expected = keys[row] if row < len(keys) else "<end of shard>"
+                raise changed_error(shard, f"row {row} is {key!r}, the store has {expected!r}")
+            if key in seen:
+                raise ShardReadError(f"shard {shard.url}: key {key!r} is split across the tar")
+            seen.add(key)
+            listing.labels.append(_label(shard.url, sample))
+            listing.keys.append(key)
+            yield row, key, sample
+    except (ShardReadError, StoreMismatchError):
+        raise
+    except InputError as exc:
+        raise ShardReadError(str(exc)) from None
+    if keys is not None and row + 1 != len(keys):
+        raise changed_error(shard, f"it has {row + 1} samples, the store {len(keys)}")
+    if row < 0:
+        raise ShardReadError(f"shard {shard.url}: no samples")
 
 
 def preprocess(
@@ -119,34 +174,36 @@ def preprocess(
 
 
 def views(
-    items: Iterable[tuple[int, str, Any]], spec: TeacherSpec, params: np.ndarray | None
-) -> Iterator[tuple[int, str, list[Any]]]:
-    """``(row, key, inputs)``: the input itself, or its ``spec.views`` augmented views.
-
-    With views, each view's ``(top, left, h, w, flip)`` is written to ``params[row, v]``.
+    items: Iterable[tuple[int, str, Any]], spec: TeacherSpec
+) -> Iterator[tuple[int, str, list[Any], np.ndarray | None]]:
+    """``(row, key, inputs, params)``: the input itself (``params`` None), or its ``spec.views``
+    augmented views and their ``(top, left, h, w, flip)`` as ``params [V, 5]`` int32.
     """
     augment = AugmentSpec.parse(spec.augment) if spec.views else None
     for row, key, x in items:
         if not spec.views:
-            yield row, key, [x]
+            yield row, key, [x], None
             continue
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
             raise InputError("--views needs a teacher whose preprocess returns an image tensor [C, H, W]")
         out = []
+        params = np.zeros((spec.views, 5), dtype=np.int32)
         for v in range(spec.views):
             p = view_params(augment, seed=spec.seed, key=key, view=v, height=x.shape[1], width=x.shape[2])
-            params[row, v] = p
+            params[v] = p
             out.append(apply_view(x, p))
-        yield row, key, out
+        yield row, key, out, params
 
 
-def batched(items: Iterable[tuple[int, str, list[Any]]], batch_size: int) -> Iterator[Batch]:
+def batched(items: Iterable[tuple[int, str, list[Any], np.ndarray | None]], batch_size: int) -> Iterator[Batch]:
     """Batches of ``batch_size`` rows (the last may be shorter; none is empty)."""
     batch = Batch()
-    for row, key, inputs in items:
+    for row, key, inputs, params in items:
         batch.rows.append(row)
         batch.keys.append(key)
         batch.inputs.extend(inputs)
+        if params is not None:
+            batch.params.append(params)
         if len(batch) >= batch_size:
             yield batch
             batch = Batch()
@@ -288,29 +345,77 @@ def reduce(
 
 @dataclass
 class ShardArrays:
-    """The shard's columns as they fill: dense ``fields [n, (V,) ...]``, per-token ``ragged``, ``valid [n]``."""
+    """The shard's columns as they fill: dense ``fields [n, (V,) ...]``, per-token ``ragged``,
+    ``valid [n]``, ``params [n, V, 5]``.
+
+    ``n`` is known only once the read stage has listed the whole shard: the columns start at
+    ``capacity`` rows (the listed count when an earlier teacher or run listed the shard), grow
+    by doubling, and :meth:`finish` cuts them to ``n``. ``listing`` is the read stage's.
+    """
 
     shard: ShardInfo
     views: int
+    capacity: int = 0
     fields: dict[str, np.ndarray] = field(default_factory=dict)
     ragged: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
     valid: np.ndarray = None  # type: ignore[assignment]
     params: np.ndarray | None = None
+    listing: Listing = field(default_factory=Listing)
 
     def __post_init__(self) -> None:
-        n = self.shard.num_rows
+        n = max(0, int(self.capacity))
+        self.capacity = n
         self.valid = np.zeros(n, dtype=bool)
         self.params = np.zeros((n, self.views, 5), dtype=np.int32) if self.views else None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.listing.keys)
+
+    def reserve(self, rows: int) -> None:
+        """Make room for rows ``[0, rows)`` (amortised: at least doubles)."""
+        if rows <= self.capacity:
+            return
+        cap = max(rows, 2 * self.capacity, 64)
+        self._resize(cap)
+
+    def _resize(self, cap: int) -> None:
+        def resized(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((cap, *a.shape[1:]), dtype=a.dtype)
+            keep = min(cap, a.shape[0])
+            out[:keep] = a[:keep]
+            return out
+
+        self.fields = {k: resized(v) for k, v in self.fields.items()}
+        self.valid = resized(self.valid)
+        if self.params is not None:
+            self.params = resized(self.params)
+        for k, column in self.ragged.items():
+            self.ragged[k] = (column + [None] * (cap - len(column)))[:cap]
+        self.capacity = cap
+
+    def finish(self) -> "ShardArrays":
+        """Cut every column to the shard's listed row count."""
+        if self.capacity != self.num_rows:
+            self._resize(self.num_rows)
+        return self
 
 
 def collect(
     items: Iterable[Reduced], arrays: ShardArrays, handler: Handler, on_batch: Callable[[int], None] | None = None
 ) -> ShardArrays:
-    """Place each batch's good rows into ``arrays``; bad rows go to ``handler``."""
-    shard, views, n = arrays.shard, arrays.views, arrays.shard.num_rows
+    """Place each batch's good rows (and view parameters) into ``arrays``; bad rows go to ``handler``.
+
+    Call ``arrays.finish()`` after the chain is drained (the read stage has then listed every row).
+    """
+    shard, views = arrays.shard, arrays.views
     for item in items:
         batch, bad = item.batch, item.bad
         rows = np.asarray(batch.rows)
+        arrays.reserve(int(rows.max()) + 1)
+        n = arrays.capacity
+        if batch.params and arrays.params is not None:
+            arrays.params[rows] = np.stack(batch.params)
         for name, value in item.fields.items():
             if isinstance(value, list):  # per-token output: one [len_i, ...] array per row
                 column = arrays.ragged.setdefault(name, [None] * n)

@@ -3,6 +3,12 @@
 :class:`ShardProcessor` is plain Python (tested without Ray); the precompute job wraps it
 in a Ray actor so the teacher is loaded once per worker. The work itself is the stage chain
 of :mod:`kdstore.pipeline.stages`; the error policy is a handler chosen from ``on_error``.
+
+The shard is read once: the read stage lists its keys and labels while the teacher runs.
+The first worker to read a shard writes its listing (``samples/SHARD.parquet``) before the
+shard's arrays and done record; a later teacher (or run) gets the listed keys and refuses a
+shard whose keys differ. A shard that cannot be read is an error, or with ``--on-error skip``
+and no listing yet, recorded as skipped for the whole store (``samples/SHARD.skipped.json``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from kdstore.pipeline.transform import TransformSpec
 from kdstore.pipeline.teacher import TeacherLoad  # noqa: F401  (re-exported: it used to live here)
 from kdstore.store import layout
 from kdstore.store.errors import InputError, KdStoreError
+from kdstore.store.listing import write_listing, write_skipped
 from kdstore.store.schema import DoneRecord, ShardInfo, TeacherSpec
 from kdstore.store.writer import write_shard
 
@@ -49,58 +56,75 @@ class ShardProcessor:
         return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint, "input_key": self.teacher.input_key}
 
     def compute(
-        self, spec: TeacherSpec, shard: ShardInfo, keys: list[str], *, batch_size: int, on_error: str, progress: Any = None
+        self, spec: TeacherSpec, shard: ShardInfo, keys: list[str] | None, *, batch_size: int, on_error: str,
+        progress: Any = None,
     ) -> tuple[stages.ShardArrays, list[dict]]:
-        """The shard's stored columns (not yet written) and its skipped rows; see :meth:`run_shard`.
+        """The shard's stored columns (not yet written; ``arrays.listing`` holds its keys, labels
+        and bytes read) and its skipped rows; see :meth:`run_shard`.
 
         read → preprocess → views → batched run in a reader thread ``self.prefetch`` batches
         ahead (:func:`stages.prefetch`); forward → reduce → collect in the calling thread.
         """
         skipped: list[dict] = []
         handler = stages.error_handler(on_error, skipped)
-        arrays = stages.ShardArrays(shard=shard, views=spec.views)
-        chain = stages.read(shard, keys)
+        arrays = stages.ShardArrays(shard=shard, views=spec.views, capacity=len(keys) if keys is not None else 0)
+        chain = stages.read(shard, keys, arrays.listing)
         chain = stages.preprocess(chain, self.teacher, shard, handler, TransformSpec.parse(spec.transform))
-        chain = stages.views(chain, spec, arrays.params)
+        chain = stages.views(chain, spec)
         chain = stages.batched(chain, batch_size)
         if self.prefetch:
             chain = stages.prefetch(chain, depth=self.prefetch)
         chain = stages.forward(chain, self.teacher, device=self.device, amp=self.amp, shard=shard)
         chain = stages.reduce(chain, spec, shard)
         stages.collect(chain, arrays, handler, on_batch=None if progress is None else progress.add.remote)
-        return arrays, skipped
+        return arrays.finish(), skipped
 
     def run_shard(
         self,
         root: str,
         spec: TeacherSpec,
         shard: ShardInfo,
-        keys: list[str],
+        keys: list[str] | None,
         *,
         batch_size: int,
         on_error: str,
         fence_token: str | None = None,
         progress: Any = None,
-    ) -> DoneRecord:
-        """Process every planned row of ``shard`` and write it; returns the done record.
+    ) -> DoneRecord | dict:
+        """Process every row of ``shard`` and write it; returns the done record.
 
+        ``shard`` is ``(index, url)`` (its row numbers are not needed); ``keys`` the shard's
+        listed keys, or None when no listing exists yet: this worker then writes it (before
+        the arrays). With ``on_error="skip"``, an unlisted shard that cannot be read is
+        recorded as skipped and its record ``{index, url, reason}`` returned instead.
+        ``extra["input_bytes"]`` of the done record: bytes read from the input shard.
         ``progress`` is an optional Ray actor handle with ``add(rows)``, told after each batch.
         """
         if self._load_error:
             raise self._load_error
         start = time.perf_counter()
-        arrays, skipped = self.compute(spec, shard, keys, batch_size=batch_size, on_error=on_error, progress=progress)
+        store = layout.root_of(root)
+        try:
+            arrays, skipped = self.compute(spec, shard, keys, batch_size=batch_size, on_error=on_error, progress=progress)
+        except stages.ShardReadError as exc:
+            if on_error == "skip" and keys is None:
+                return write_skipped(store, shard.index, shard.url, str(exc), fence_token=fence_token)
+            raise
         if not arrays.fields and not arrays.ragged:
             raise InputError(f"shard {shard.url}: every sample failed; first: {skipped[0]['reason'] if skipped else '?'}")
+        listing = arrays.listing
+        if keys is None:
+            write_listing(store, shard.index, listing.keys, listing.labels, fence_token=fence_token)
         return write_shard(
-            layout.root_of(root),
+            store,
             spec,
-            shard,
+            ShardInfo(index=shard.index, url=shard.url, row_start=None, num_rows=arrays.num_rows),
             arrays.fields,
             ragged=arrays.ragged,
             valid=arrays.valid,
             view_params=arrays.params,
             skipped=skipped,
             seconds=time.perf_counter() - start,
+            extra={"input_bytes": listing.stats.bytes_read},
             fence_token=fence_token,
         )

@@ -197,7 +197,7 @@ def input_problems(
             yield InputProblem(shard=s, url=url, detail=detail)
             continue
         listed[s.index] = keys
-    if len(listed) == len(store.shards):
+    if len(listed) == len(store.shards) and store.manifest.input_fingerprint:  # "" while shards are pending
         got = input_fingerprint([s.url for s in store.shards], [listed[s.index] for s in store.shards])
         if got != store.manifest.input_fingerprint:
             yield InputProblem(

@@ -1,9 +1,11 @@
-"""Every path and reserved name of a store, in one place (format v1, docs/FORMAT.md).
+"""Every path and reserved name of a store, in one place (format v2, docs/FORMAT.md).
 
 ::
 
-    STORE/store.json                                  the row plan (StoreManifest)
-    STORE/samples.parquet                             row, key, shard, index_in_shard, label
+    STORE/store.json                                  the input shards; once sealed, the row plan (StoreManifest)
+    STORE/samples/SHARD.parquet                       one shard's key, label: written by its first worker
+    STORE/samples/SHARD.skipped.json                  an unreadable shard left out with --on-error skip
+    STORE/samples.parquet                             row, key, shard, index_in_shard, label (once sealed)
     STORE/.lock                                       a precompute job's exclusive lock (+ its token)
     STORE/.readers.lock                               readers' shared lock; ``--overwrite`` takes it exclusively
     STORE/teachers/NAME/teacher.json                  TeacherSpec
@@ -27,6 +29,8 @@ from kdstore.store.fs import store_root
 
 STORE_FILE = "store.json"
 SAMPLES_FILE = "samples.parquet"
+LISTINGS_DIR = "samples"  # per-shard listings (format 2): SHARD.parquet, SHARD.skipped.json
+SKIPPED_SUFFIX = ".skipped.json"
 TEACHERS_DIR = "teachers"
 TEACHER_FILE = "teacher.json"
 SHARDS_DIR = "shards"
@@ -68,6 +72,20 @@ def store_file(store: Any) -> Path:
 
 def samples_path(store: Any) -> Path:
     return root_of(store) / SAMPLES_FILE
+
+
+def listings_dir(store: Any) -> Path:
+    return root_of(store) / LISTINGS_DIR
+
+
+def listing_path(store: Any, shard_index: int) -> Path:
+    """``STORE/samples/SHARD.parquet``: the keys and labels of input shard ``shard_index``, in tar order."""
+    return listings_dir(store) / f"{shard_name(shard_index)}.parquet"
+
+
+def skipped_listing_path(store: Any, shard_index: int) -> Path:
+    """``STORE/samples/SHARD.skipped.json``: ``{url, reason}`` of an input shard nobody could read."""
+    return listings_dir(store) / f"{shard_name(shard_index)}{SKIPPED_SUFFIX}"
 
 
 def lock_path(store: Any) -> Path:

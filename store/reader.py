@@ -3,6 +3,11 @@
 Reads are shard-sequential: a field of one shard is one contiguous Zarr array, so a
 trainer walking shards never does row-by-row random reads. A store on object storage
 (``s3://bucket/prefix``) is read the same way, through fsspec (:mod:`kdstore.store.fs`).
+
+Formats 1 and 2 read the same. A format 2 store that precompute has not finished listing is
+read as far as its rows are numbered (:mod:`kdstore.store.listing`): ``store.shards``, ``keys``
+and ``num_rows`` cover the numbered shards, ``store.pending_shards`` names the rest, and
+selecting a pending shard (or all shards) is refused with a message saying to finish precompute.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from kdstore.store import layout
+from kdstore.store import layout, listing
 from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, StoreCorruptError
 from kdstore.store.fs import read_parquet, remote_errors, zarr_store
 from kdstore.store.layout import SAMPLES_FILE, STORE_FILE, VALID_ARRAY, VIEWS_ARRAY
-from kdstore.store.schema import DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec
+from kdstore.store.schema import (
+    DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec, check_format_version,
+)
 
 
 class TeacherData:
@@ -60,8 +67,10 @@ class TeacherData:
         return {k: v for k, v in first.fields.items() if not layout.is_reserved(k)}
 
     def missing_shards(self) -> list[int]:
+        """Shards without a done record: numbered ones, then pending ones (not yet listed or numbered)."""
         done = self.done_records()
-        return [s.index for s in self.store.shards if s.index not in done]
+        return [s.index for s in self.store.shards if s.index not in done] + [
+            i for i in self.store.pending_shards if i not in done]
 
     @property
     def complete(self) -> bool:
@@ -71,7 +80,7 @@ class TeacherData:
         path = layout.shard_array_path(self.store.path, self.name, shard_index)
         if not layout.done_path(self.store.path, self.name, shard_index).exists() or not path.exists():
             raise StoreCorruptError(
-                f"teacher {self.name}: shard {shard_index} ({self.store.shards[shard_index].url}) is not finished; "
+                f"teacher {self.name}: shard {shard_index} ({self.store.shard_url(shard_index)}) is not finished; "
                 "rerun precompute to complete it"
             )
         return zarr.open_group(zarr_store(path, read_only=True), mode="r")
@@ -140,7 +149,20 @@ class TeacherData:
         return self.read_shard(VIEWS_ARRAY, shard_index)
 
     def skipped(self) -> list[dict]:
-        return [s for r in self.done_records().values() for s in r.skipped]
+        """Skipped samples ``{row, key, reason, shard, index_in_shard}``; ``row`` is None while
+        the shard's rows are not numbered (format 2 records hold ``index_in_shard`` only)."""
+        out = []
+        for record in self.done_records().values():
+            info = self.store.numbered.get(record.shard)
+            for entry in record.skipped:
+                entry = {"shard": record.shard, **entry}
+                if "row" not in entry:
+                    local = entry.get("index_in_shard")
+                    entry["row"] = info.row_start + local if info is not None and local is not None else None
+                elif info is not None and "index_in_shard" not in entry:
+                    entry["index_in_shard"] = entry["row"] - info.row_start
+                out.append(entry)
+        return out
 
 
 @dataclass(frozen=True)
@@ -157,9 +179,60 @@ class ShardBlock:
 class Store:
     """A kdstore store on local disk or object storage (``open_store(path_or_url)``)."""
 
-    def __init__(self, path: Path, manifest: StoreManifest) -> None:
+    def __init__(self, path: Path, manifest: StoreManifest, *, pending: Sequence[int] = (), sealed: bool = True) -> None:
         self.path = path
         self.manifest = manifest
+        self.pending_shards: tuple[int, ...] = tuple(pending)  # input shards without row numbers yet
+        self.sealed = sealed  # the row plan is in store.json (format 1, or format 2 once every shard is listed)
+
+    @property
+    def planned(self) -> bool:
+        """True when every input shard has its rows (none pending)."""
+        return not self.pending_shards
+
+    @cached_property
+    def numbered(self) -> dict[int, ShardInfo]:
+        """Shard index → its numbered :class:`ShardInfo`."""
+        return {s.index: s for s in self.shards}
+
+    def shard(self, index: int) -> ShardInfo:
+        """The numbered shard ``index``; a pending or unknown index is an ``InputError``."""
+        if index in self.numbered:
+            return self.numbered[index]
+        if index in self.pending_shards:
+            raise InputError(self._pending_message([index]))
+        raise InputError(f"store {self.path} has no shard {index}; its shards are {self._index_text()}")
+
+    def shard_url(self, index: int) -> str:
+        """The recorded URL of shard ``index`` (numbered or pending)."""
+        if index in self.numbered:
+            return self.numbered[index].url
+        if self.manifest.format_version >= 2 and 0 <= index < len(self.manifest.input_urls):
+            return self.manifest.input_urls[index]
+        return f"#{index}"
+
+    def shard_listing(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(keys [n], labels [n] int64, -1 = none)`` of any listed shard, numbered or pending."""
+        if index in self.numbered:
+            s = self.numbered[index]
+            return self.keys[s.row_start : s.row_stop], self.labels[s.row_start : s.row_stop]
+        table = listing.read_listing(self.path, index) if self.manifest.format_version >= 2 else None
+        if table is None:
+            raise InputError(f"shard {index} of store {self.path} is not listed yet; finish `kdstore precompute`")
+        return (table.column("key").to_numpy(zero_copy_only=False).astype(object),
+                table.column("label").fill_null(-1).to_numpy().astype(np.int64))
+
+    def _index_text(self) -> str:
+        indices = [s.index for s in self.shards]
+        return f"{indices[0]}..{indices[-1]}" if indices else "none"
+
+    def _pending_message(self, indices: Sequence[int]) -> str:
+        return (
+            f"store {self.path}: {len(indices)} selected input shard(s) have no rows yet (first: shard {indices[0]}, "
+            f"{self.shard_url(indices[0])}); {len(self.pending_shards)} of "
+            f"{len(self.shards) + len(self.pending_shards)} are pending. Finish `kdstore precompute` (rerun it: it "
+            "resumes), or select finished shards by index or name"
+        )
 
     @property
     def num_rows(self) -> int:
@@ -175,6 +248,8 @@ class Store:
 
     @cached_property
     def _samples(self):
+        if not self.sealed:  # format 2 before sealing: the numbered shards' listings
+            return listing.samples_table(self.path, self.shards)
         table = read_parquet(layout.samples_path(self.path))
         if table.num_rows != self.num_rows:
             raise StoreCorruptError(f"{SAMPLES_FILE} has {table.num_rows} rows, store.json says {self.num_rows}")
@@ -214,33 +289,40 @@ class Store:
         """Shards by index, ``"A..B"`` index range (inclusive), exact URL, or a substring of the
         shard's file name (``"train-"``; a selector with ``/`` is a substring of the whole URL),
         in store order; all when None. File names, because stores record absolute paths and a
-        folder name must not select (``/tmp/pytest-1/...`` contains ``test-``)."""
+        folder name must not select (``/tmp/pytest-1/...`` contains ``test-``). Selecting a pending
+        shard of a store precompute has not finished listing is refused (its rows are not numbered)."""
+        candidates = [(s.index, s.url) for s in self.shards] + [(i, self.shard_url(i)) for i in self.pending_shards]
         if selectors is None:
-            return list(self.shards)
-        chosen: dict[int, ShardInfo] = {}
-        for sel in selectors:
-            text = str(sel)
-            first, sep, last = text.partition("..")
-            if sep and first.isdigit() and last.isdigit():
-                if int(last) >= len(self.shards):
-                    raise InputError(f"shard range {text}: store {self.path} has {len(self.shards)} shards")
-                matches = list(self.shards[int(first) : int(last) + 1])
-            else:
-                matches = [s for s in self.shards if (text.isdigit() and s.index == int(text)) or s.url == text
-                           or text in (s.url if "/" in text else s.url.rstrip("/").rsplit("/", 1)[-1])]
-            if not matches:
-                raise InputError(f"no shard of store {self.path} matches {text!r}")
-            chosen.update((s.index, s) for s in matches)
-        if not chosen:
-            raise InputError("no shard selected")
-        return [chosen[i] for i in sorted(chosen)]
+            chosen_ix = [i for i, _ in candidates]
+        else:
+            chosen_ix = []
+            top = max((i for i, _ in candidates), default=-1)
+            for sel in selectors:
+                text = str(sel)
+                first, sep, last = text.partition("..")
+                if sep and first.isdigit() and last.isdigit():
+                    if int(last) > top:
+                        raise InputError(f"shard range {text}: store {self.path} has shards {self._index_text()}")
+                    matches = [i for i, _ in candidates if int(first) <= i <= int(last)]
+                else:
+                    matches = [i for i, url in candidates if (text.isdigit() and i == int(text)) or url == text
+                               or text in (url if "/" in text else url.rstrip("/").rsplit("/", 1)[-1])]
+                if not matches:
+                    raise InputError(f"no shard of store {self.path} matches {text!r}")
+                chosen_ix.extend(matches)
+            if not chosen_ix:
+                raise InputError("no shard selected")
+        pending = sorted({i for i in chosen_ix if i not in self.numbered})
+        if pending:
+            raise InputError(self._pending_message(pending))
+        return [self.numbered[i] for i in sorted(set(chosen_ix))]
 
     def iter_shards(
         self, fields: dict[str, Sequence[str]], shards: Iterable[ShardInfo | int] | None = None
     ) -> Iterator[ShardBlock]:
         """Yield one :class:`ShardBlock` per shard (in the order given), each read sequentially."""
         teachers = {name: self.teacher(name) for name in fields}
-        selected = self.shards if shards is None else [s if isinstance(s, ShardInfo) else self.shards[s] for s in shards]
+        selected = self.shards if shards is None else [s if isinstance(s, ShardInfo) else self.shard(s) for s in shards]
         for shard in selected:
             data = {name: {f: t.read_shard(f, shard.index) for f in fields[name]} for name, t in teachers.items()}
             valid = np.ones(shard.num_rows, dtype=bool)
@@ -263,4 +345,9 @@ def open_store(path: str | Path) -> Store:
             doc = read_json(layout.store_file(root), STORE_FILE)
     except FileNotFoundError:
         raise InputError(f"{root} is not a kdstore store (no {STORE_FILE}); create one with `kdstore precompute`") from None
-    return Store(root, StoreManifest.from_json(doc))
+    check_format_version(doc)
+    if listing.is_sealed(doc):
+        return Store(root, StoreManifest.from_json(doc))
+    with remote_errors(f"store {root}"):
+        manifest, pending = listing.assemble(root, doc)
+    return Store(root, manifest, pending=pending, sealed=False)

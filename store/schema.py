@@ -1,4 +1,4 @@
-"""Store format v1: the JSON documents of a store and the names of its fields, as frozen dataclasses.
+"""Store format v2: the JSON documents of a store and the names of its fields, as frozen dataclasses.
 
 Each document is parsed and checked once when read (``from_json``, one small parse per
 field) and trusted after: a :class:`TeacherSpec` holds :class:`OutputSpec` objects, never
@@ -20,7 +20,10 @@ from kdstore.store.atomic import read_json, write_json_atomic  # noqa: F401  (re
 from kdstore.store.errors import InputError, StoreCorruptError
 from kdstore.store.layout import LOCK_FILE, SAMPLES_FILE, STORE_FILE, TEACHERS_DIR, shard_name  # noqa: F401
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this kdstore reads. Format 1 stores (rows planned by listing every shard before any
+# teacher ran) are read as they are; precompute writes into format 2 stores only.
+READABLE_VERSIONS = (1, 2)
 
 # Stored field names (per row; with views V > 0 each gets a [V] axis after the row axis).
 LOGITS = "logits"  # [C]
@@ -159,15 +162,21 @@ def _require(doc: dict, keys: tuple[str, ...], what: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ShardInfo:
-    """One input shard and the contiguous rows it owns: ``[row_start, row_start + num_rows)``."""
+    """One input shard and the contiguous rows it owns: ``[row_start, row_start + num_rows)``.
+
+    In a format 2 store ``index`` is the shard's position in ``input_urls``. A worker's shard
+    before the store's rows are numbered has ``row_start=None`` (it never needs it).
+    """
 
     index: int
     url: str
-    row_start: int
+    row_start: int | None
     num_rows: int
 
     @property
     def row_stop(self) -> int:
+        if self.row_start is None:
+            raise ValueError(f"shard {self.index} has no row numbers yet (earlier shards are not listed)")
         return self.row_start + self.num_rows
 
     @property
@@ -177,7 +186,13 @@ class ShardInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class StoreManifest:
-    """``store.json``: the planned rows. Written once, before any teacher runs."""
+    """The numbered rows of a store: ``shards`` own ``[row_start, row_stop)``, in input order.
+
+    Format 1: ``store.json`` as written before any teacher ran. Format 2: ``store.json`` once
+    sealed (every input shard listed), else assembled by the reader from the per-shard
+    listings (:mod:`kdstore.store.listing`): then ``shards`` are the numbered prefix and
+    ``input_fingerprint`` is ``""`` until every shard is listed.
+    """
 
     format_version: int
     kdstore_version: str
@@ -200,10 +215,7 @@ class StoreManifest:
     @classmethod
     def from_json(cls, doc: dict) -> "StoreManifest":
         _require(doc, ("format_version", "num_rows", "shards", "input_fingerprint", "input_urls"), "store.json")
-        if doc["format_version"] != FORMAT_VERSION:
-            raise StoreCorruptError(
-                f"store format_version {doc['format_version']} is not supported by this kdstore (reads {FORMAT_VERSION})"
-            )
+        check_format_version(doc)
         shards = tuple(ShardInfo(**s) for s in doc["shards"])
         expected = 0
         for s in shards:
@@ -222,6 +234,17 @@ class StoreManifest:
             skipped_shards=tuple(doc.get("skipped_shards", ())),
             paths_relative_to=doc.get("paths_relative_to", "cwd"),
         )
+
+
+def check_format_version(doc: dict) -> int:
+    """``store.json``'s format version, refused (one line saying what to do) when unreadable."""
+    version = doc.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise StoreCorruptError(
+            f"store format_version {version} is not supported by this kdstore (reads {', '.join(map(str, READABLE_VERSIONS))}); "
+            "use the kdstore version that wrote the store (store.json's kdstore_version)"
+        )
+    return int(version)
 
 
 def _parse_outputs(texts: Any) -> tuple[OutputSpec, ...]:
@@ -325,11 +348,15 @@ class FieldSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class DoneRecord:
-    """``teachers/NAME/done/SHARD.json``: written last, after the shard's arrays are in place."""
+    """``teachers/NAME/done/SHARD.json``: written last, after the shard's arrays are in place.
+
+    Format 2: ``row_start`` is None (rows are numbered from the listings, not by the worker)
+    and each ``skipped`` entry holds ``index_in_shard`` instead of the store ``row``.
+    """
 
     shard: int
     url: str
-    row_start: int
+    row_start: int | None
     num_rows: int
     teacher_fingerprint: str
     fields: dict[str, FieldSpec]
@@ -345,11 +372,11 @@ class DoneRecord:
 
     @classmethod
     def from_json(cls, doc: dict) -> "DoneRecord":
-        _require(doc, ("shard", "url", "row_start", "num_rows", "teacher_fingerprint", "fields"), "done record")
+        _require(doc, ("shard", "url", "num_rows", "teacher_fingerprint", "fields"), "done record")
         return cls(
             shard=doc["shard"],
             url=doc["url"],
-            row_start=doc["row_start"],
+            row_start=doc.get("row_start"),
             num_rows=doc["num_rows"],
             teacher_fingerprint=doc["teacher_fingerprint"],
             fields={k: FieldSpec(**{**v, "shape": tuple(v["shape"])}) for k, v in doc["fields"].items()},

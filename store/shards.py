@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import fsspec
 from webdataset import tariterators
 from webdataset.shardlists import expand_urls as _wds_expand
+from webdataset.tariterators import meta_prefix, meta_suffix
 
 from kdstore.store import tarstream
 from kdstore.store.errors import InputError
@@ -86,27 +87,40 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-class _CountingReader:
-    """File-like wrapper that counts the bytes handed to tarfile (to detect truncation)."""
+@dataclass
+class ReadStats:
+    """Bytes read from input shards through :func:`iter_samples` / :func:`list_shard` (``stats=``)."""
 
-    def __init__(self, raw) -> None:
+    bytes_read: int = 0
+
+
+class _CountingReader:
+    """File-like wrapper that counts the bytes read through it (truncation checks, ``ReadStats``)."""
+
+    def __init__(self, raw, stats: ReadStats | None = None) -> None:
         self.raw = raw
         self.bytes_read = 0
+        self.stats = stats
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
         self.bytes_read += len(data)
+        if self.stats is not None:
+            self.stats.bytes_read += len(data)
         return data
 
 
-def list_shard(url: str) -> ShardListing:
-    """List every key (and label, when a ``.cls`` member exists) of one shard, in tar order."""
+def list_shard(url: str, stats: ReadStats | None = None) -> ShardListing:
+    """List every key (and label, when a ``.cls`` member exists) of one shard, in tar order.
+
+    Reads the whole shard (``verify`` and the trainer's checks; precompute lists shards while
+    it reads them for the teacher, :func:`kdstore.pipeline.stages.read`)."""
     keys: list[str] = []
     labels: list[int | None] = []
     index: dict[str, int] = {}
     last_key = None
     try:
-        with _open(url) as raw, tarfile.open(fileobj=(stream := _CountingReader(raw)), mode="r|*") as tar:
+        with _open(url) as raw, tarfile.open(fileobj=(stream := _CountingReader(raw, stats)), mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -130,7 +144,7 @@ def list_shard(url: str) -> ShardListing:
             # tarfile ends quietly on a short file; a complete tar holds every member's data
             # plus an end-of-archive block after the last member.
             stream.read()
-            if stream.bytes_read < tar.offset + tarfile.BLOCKSIZE:
+            if _tar_cut_short(tar):
                 raise InputError(f"shard {url}: truncated tar (ends inside or right after member {member.name!r})")
     except InputError:
         raise
@@ -157,23 +171,56 @@ class _Replay:
         return head + (self.raw.read(size - len(head)) if len(head) < size else b"")
 
 
-def iter_samples(url: str) -> Iterator[dict]:
+def _tar_cut_short(tar: tarfile.TarFile) -> bool:
+    """True when a streamed (``r|*``) tar ended without an end-of-archive block after its last
+    member. ``tar.fileobj`` counts uncompressed bytes, so this holds for ``.tar.gz`` too."""
+    return tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE
+
+
+def _tarfile_files(stream) -> Iterator[dict]:
+    """``{"fname", "data"}`` of each regular member, through ``tarfile`` (compressed tars), as
+    webdataset's ``tar_file_iterator`` yields them; a tar without its end-of-archive block
+    raises :class:`tarstream.TruncatedTar` (``tarfile`` itself ends quietly there)."""
+    last = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            last = member.name
+            if not member.isreg():
+                continue
+            name = member.name
+            if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
+                continue
+            if tarstream.SKIP_META.match(name):
+                continue
+            data = tar.extractfile(member).read()
+            yield {"fname": name, "data": data}
+            tar.members = []
+        if last is not None and _tar_cut_short(tar):
+            raise tarstream.TruncatedTar(f"ends inside or right after member {last!r}")
+
+
+def iter_samples(url: str, stats: ReadStats | None = None) -> Iterator[dict]:
     """Yield samples ``{"__key__": str, ext: bytes, ...}`` of one shard in tar order.
 
     Uncompressed tars are read by :mod:`kdstore.store.tarstream` (3-6x faster than
-    ``tarfile`` on shards of small images); others (gzip, ...) by webdataset's ``tarfile`` reader.
+    ``tarfile`` on shards of small images); others (gzip, ...) through ``tarfile``. A tar cut
+    short (a member or the end-of-archive block missing) is ``InputError("... truncated tar")``.
+    ``stats.bytes_read`` grows by the bytes read from the shard.
     """
     try:
-        with _open(url) as stream:
+        with _open(url) as raw:
+            stream = _CountingReader(raw, stats)
             first = stream.read(tarfile.BLOCKSIZE)
             if tarstream.is_tar_header(first):
                 members = tarstream.plain_tar_files(stream, first)
             else:
-                members = tariterators.tar_file_iterator(_Replay(first, stream))
+                members = _tarfile_files(_Replay(first, stream))
             files = ({**f, "__url__": url} for f in members)
             yield from tariterators.group_by_keys(files)
     except InputError:
         raise
+    except tarstream.TruncatedTar as exc:
+        raise InputError(f"shard {url}: truncated tar ({exc})") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise InputError(f"shard {url}: unreadable tar ({exc or type(exc).__name__})") from None
 

@@ -4,9 +4,10 @@
 a PAX record per member; for shards of small images that is most of the read time. This
 reader yields exactly what ``webdataset.tariterators.tar_file_iterator`` yields
 (``{"fname", "data"}`` per regular member, ``__meta__`` files skipped), reads ustar, GNU
-long names and PAX ``path`` records, and raises ``tarfile.ReadError`` on a bad header or a
-short member. :func:`kdstore.store.shards.iter_samples` uses it when the first block is a
-valid uncompressed tar header and falls back to ``tarfile`` otherwise (compressed tars).
+long names and PAX ``path`` records, and raises ``tarfile.ReadError`` on a bad header and
+:class:`TruncatedTar` on a short member or a missing end-of-archive block.
+:func:`kdstore.store.shards.iter_samples` uses it when the first block is a valid
+uncompressed tar header and falls back to ``tarfile`` otherwise (compressed tars).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from collections.abc import Iterator
 from webdataset.tariterators import meta_prefix, meta_suffix
 
 _BLOCK = 512
-_SKIP_META = re.compile(r"__[^/]*__($|/)")
+SKIP_META = re.compile(r"__[^/]*__($|/)")
 _REGULAR = (b"0", b"\0", b"7")
+
+
+class TruncatedTar(tarfile.ReadError):
+    """The tar ends inside a member or without its end-of-archive block."""
 
 
 def is_tar_header(block: bytes) -> bool:
@@ -64,11 +69,11 @@ def plain_tar_files(stream, first: bytes) -> Iterator[dict]:
     """``{"fname", "data"}`` of each regular member of the tar ``stream``, whose first block ``first`` was read already."""
     header = first
     long_name = None
+    last = None
     while True:
         if len(header) < _BLOCK:
-            if not header:
-                return
-            raise tarfile.ReadError("unexpected end of data")
+            where = f"right after member {last!r}" if last is not None else "in the first header"
+            raise TruncatedTar(f"no end-of-archive block; ends {where}")
         if header.count(0) == _BLOCK:
             return
         if _octal(header[148:156]) != _checksum(header):
@@ -78,7 +83,7 @@ def plain_tar_files(stream, first: bytes) -> Iterator[dict]:
         padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
         data = stream.read(padded) if padded else b""
         if len(data) < padded:
-            raise tarfile.ReadError("unexpected end of data")
+            raise TruncatedTar(f"ends inside a member after {last!r}" if last is not None else "ends inside the first member")
         if kind in (b"x", b"L", b"K", b"g"):
             if kind == b"x":
                 long_name = _pax_path(data[:size]) or long_name
@@ -93,11 +98,12 @@ def plain_tar_files(stream, first: bytes) -> Iterator[dict]:
             if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX prefix (GNU tars use 345 for atime)
                 name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
         long_name = None
+        last = name
         header = stream.read(_BLOCK)
         if kind not in _REGULAR or name.endswith("/"):  # an old-style directory is a "regular" file ending in /
             continue
         if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
             continue
-        if _SKIP_META.match(name):
+        if SKIP_META.match(name):
             continue
         yield {"fname": name, "data": data[:size] if padded != size else data}

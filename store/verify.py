@@ -34,7 +34,8 @@ def _check_shard_fields(store: Store, name: str, shard: ShardInfo, record) -> It
     except Exception as exc:  # zarr raises many types for a damaged group
         yield f"teacher {name} shard {shard.index} ({shard.url}): arrays unreadable ({exc})"
         return
-    if (record.row_start, record.num_rows) != (shard.row_start, shard.num_rows):
+    # format 2 done records hold no row_start (rows are numbered from the listings)
+    if record.num_rows != shard.num_rows or record.row_start not in (None, shard.row_start):
         yield f"teacher {name} shard {shard.index}: done record rows {record.row_start}+{record.num_rows} do not match the plan"
     for fname, spec in record.fields.items():
         try:
@@ -57,7 +58,13 @@ def verify_store(
     input shards still hold the planned keys (read under ``inputs_root`` when the inputs
     moved). Never raises for a damaged store: problems are returned, first one first."""
     report = VerifyReport()
-    selected = store.select_shards(shards)
+    if shards is None:  # a store precompute has not finished listing: its pending shards are problems
+        selected = list(store.shards)
+        for i in store.pending_shards:
+            report.problems.append(f"input shard {i} ({store.shard_url(i)}): not listed yet, its rows are not numbered; "
+                                   "rerun `kdstore precompute` to finish the store")
+    else:
+        selected = store.select_shards(shards)
     if check_inputs:
         urls = shard_urls(store, inputs_root)
         for problem in input_problems(store, selected, urls=urls, mode="full"):
@@ -89,7 +96,10 @@ def verify_store(
 
 
 def summarize(store: Store) -> dict:
-    """Numbers for ``kdstore info``: rows, shards done/missing, and per field shape, dtype, bytes."""
+    """Numbers for ``kdstore info``: rows, shards done/missing/pending, and per field shape, dtype, bytes.
+
+    ``rows``/``shards`` count the numbered shards; ``pending_shards`` those whose rows are not
+    numbered yet (format 2 while precompute has not listed every shard)."""
     teachers = []
     for name in store.teachers:
         t = store.teacher(name)
@@ -123,9 +133,9 @@ def summarize(store: Store) -> dict:
                 "views": t.spec.views,
                 "augment": t.spec.augment,
                 "shards_done": len(done),
-                "shards_missing": len(store.shards) - len(done),
+                "shards_missing": len(t.missing_shards()),
                 "samples_skipped": sum(len(r.skipped) for r in done.values()),
-                "skipped_examples": [s for r in done.values() for s in r.skipped][:5],
+                "skipped_examples": t.skipped()[:5],
                 "fields": fields,
             }
         )
@@ -137,6 +147,8 @@ def summarize(store: Store) -> dict:
         "labeled_rows": int((labels >= 0).sum()),
         "num_classes": int(labels.max() + 1) if (labels >= 0).any() else 0,
         "shards": len(store.shards),
+        "pending_shards": len(store.pending_shards),  # format 2, precompute unfinished: not yet listed/numbered
+        "sealed": store.sealed,
         "skipped_shards": list(store.manifest.skipped_shards),
         "teachers": teachers,
         "indexes": _indexes(store),

@@ -1,4 +1,5 @@
-"""Writing a store: the row plan, teacher specs, and one shard's arrays at a time.
+"""Writing a store: teacher specs and one shard's arrays at a time (the row plan and the
+per-shard listings are :mod:`kdstore.store.listing`'s; ``write_plan`` is re-exported from there).
 
 Every shard's arrays go into their own Zarr group (no two writers ever share a file or a
 chunk), written under a temporary name, fsynced (every chunk file and folder), renamed into
@@ -21,30 +22,20 @@ import os
 import shutil
 import uuid
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 from kdstore.store import layout
 from kdstore.store.atomic import fsync_dir, fsync_tree, write_json_atomic
-from kdstore.store.inputs import input_fingerprint, record_url
-from kdstore.store.fs import is_remote, remove_tree, tree_bytes, write_parquet, zarr_store
+from kdstore.store.fs import is_remote, remove_tree, tree_bytes, zarr_store
 from kdstore.store.layout import OFFSETS_SUFFIX, VALID_ARRAY, VIEWS_ARRAY
+from kdstore.store.listing import kdstore_version, write_plan  # noqa: F401  (re-exported)
 from kdstore.store.lock import check_fence
-from kdstore.store.schema import FORMAT_VERSION, DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec
+from kdstore.store.schema import DoneRecord, FieldSpec, ShardInfo, TeacherSpec
 
 CHUNK_ROWS = 4096
-
-
-def kdstore_version() -> str:
-    try:
-        return version("kdstore")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -52,58 +43,6 @@ def array_sha256(array: np.ndarray) -> str:
     digest = hashlib.sha256(f"{array.dtype.str}:{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
     return "sha256:" + digest.hexdigest()
-
-
-def write_plan(
-    root: Path,
-    *,
-    urls: Sequence[str],
-    keys_per_shard: Sequence[Sequence[str]],
-    labels_per_shard: Sequence[Sequence[int | None]],
-    skipped_shards: Sequence[dict] = (),
-    input_urls: Sequence[str] | None = None,
-    paths_relative_to: str = "store",
-) -> StoreManifest:
-    """Fix every row before any teacher runs: ``samples.parquet`` first, ``store.json`` last."""
-    remote = is_remote(root)
-    if not remote:
-        root.mkdir(parents=True, exist_ok=True)
-    if paths_relative_to == "store":  # local paths absolute, or relative to the store inside it
-        urls = [record_url(u, root) for u in urls]
-        input_urls = None if input_urls is None else [record_url(u, root) for u in input_urls]
-    shards, rows = [], 0
-    for index, (url, keys) in enumerate(zip(urls, keys_per_shard)):
-        shards.append(ShardInfo(index=index, url=url, row_start=rows, num_rows=len(keys)))
-        rows += len(keys)
-    table = pa.table(
-        {
-            "row": pa.array(np.arange(rows, dtype=np.int64)),
-            "key": pa.array([k for keys in keys_per_shard for k in keys], pa.string()),
-            "shard": pa.array(np.repeat(np.arange(len(shards), dtype=np.int32), [s.num_rows for s in shards])),
-            "index_in_shard": pa.array(np.concatenate([np.arange(s.num_rows, dtype=np.int32) for s in shards] or [[]])),
-            "label": pa.array([lab for labels in labels_per_shard for lab in labels], pa.int64()),
-        }
-    )
-    samples = layout.samples_path(root)
-    if remote:
-        write_parquet(table, samples)
-    else:
-        tmp = samples.with_name(f".{samples.name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(table, tmp)
-        fsync_tree(tmp)
-        os.replace(tmp, samples)
-    manifest = StoreManifest(
-        format_version=FORMAT_VERSION,
-        kdstore_version=kdstore_version(),
-        num_rows=rows,
-        input_fingerprint=input_fingerprint(urls, keys_per_shard),
-        input_urls=tuple(input_urls if input_urls is not None else urls),
-        shards=tuple(shards),
-        skipped_shards=tuple(skipped_shards),
-        paths_relative_to=paths_relative_to,
-    )
-    write_json_atomic(layout.store_file(root), manifest.to_json())
-    return manifest
 
 
 def write_teacher_spec(root: Path, spec: TeacherSpec) -> None:
@@ -139,6 +78,9 @@ def write_shard(
     fence_token: str | None = None,
 ) -> DoneRecord:
     """Write one shard's fields (each ``[num_rows, ...]``) and then its done record.
+
+    ``shard.row_start`` is recorded as given: None from a precompute worker (format 2 numbers
+    rows from the listings), a number from callers that write a sealed plan themselves.
 
     ``ragged`` fields hold one ``[len_i, ...]`` array per row (None for a skipped row); they
     are stored as ``NAME`` ``[sum(len_i), ...]`` plus ``NAME.offsets`` ``[num_rows + 1]`` int64.

@@ -57,8 +57,24 @@ def test_compressed_tar_falls_back_and_broken_tars_are_input_errors(tmp_path):
     raw = plain.read_bytes()
     short = tmp_path / "short.tar"
     short.write_bytes(raw[: 512 * 6 + 100])  # ends inside a member's data
-    with pytest.raises(InputError, match="unreadable tar"):
+    with pytest.raises(InputError, match="truncated tar"):
         list(iter_samples(str(short)))
+    # cut right after a member: no end-of-archive block (tarfile and webdataset end quietly there);
+    # precompute lists shards while it reads them, so the reader itself must refuse it
+    ustar_raw = _tar(tmp_path / "v.tar", MEMBERS, tarfile.USTAR_FORMAT).read_bytes()
+    with tarfile.open(tmp_path / "v.tar") as tar:
+        last = tar.getmembers()[-1]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(ustar_raw[: last.offset_data + 512 * ((last.size + 511) // 512)])
+    with pytest.raises(InputError, match="truncated tar"):
+        list(iter_samples(str(cut)))
+    for compressed in ("w:gz",):  # the tarfile path checks the same
+        import gzip
+
+        gz_cut = tmp_path / "cut.tar.gz"
+        gz_cut.write_bytes(gzip.compress(cut.read_bytes()))
+        with pytest.raises(InputError, match="truncated tar"):
+            list(iter_samples(str(gz_cut)))
     ustar = _tar(tmp_path / "u.tar", MEMBERS, tarfile.USTAR_FORMAT).read_bytes()
     bad = tmp_path / "bad.tar"
     bad.write_bytes(ustar[:2048] + b"\x01" * 512 + ustar[2560:])  # a.cls's header corrupt (tarfile would stop quietly)
