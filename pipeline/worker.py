@@ -23,7 +23,8 @@ from kdstore.pipeline.transform import TransformSpec
 from kdstore.pipeline.teacher import TeacherLoad  # noqa: F401  (re-exported: it used to live here)
 from kdstore.store import layout
 from kdstore.store.errors import InputError, KdStoreError
-from kdstore.store.listing import write_listing, write_skipped
+from kdstore.store.inputs import key_difference
+from kdstore.store.listing import read_listing, write_listing, write_skipped
 from kdstore.store.schema import DoneRecord, ShardInfo, TeacherSpec
 from kdstore.store.writer import write_shard
 
@@ -113,8 +114,12 @@ class ShardProcessor:
         if not arrays.fields and not arrays.ragged:
             raise InputError(f"shard {shard.url}: every sample failed; first: {skipped[0]['reason'] if skipped else '?'}")
         listing = arrays.listing
-        if keys is None:
-            write_listing(store, shard.index, listing.keys, listing.labels, fence_token=fence_token)
+        if keys is None:  # the first read of this shard, unless another attempt listed it meanwhile
+            existing = read_listing(store, shard.index)
+            if existing is None:
+                write_listing(store, shard.index, listing.keys, listing.labels, fence_token=fence_token)
+            elif (detail := key_difference(listing.keys, existing.column("key").to_pylist())) is not None:
+                raise stages.changed_error(shard, detail)
         return write_shard(
             store,
             spec,

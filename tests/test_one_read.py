@@ -149,6 +149,10 @@ def test_teachers_must_agree_on_a_shards_keys(tmp_path, make_shards):
     with pytest.raises(StoreMismatchError, match=r"changed since the store listed its keys \(store shard 1\).*another --store"):
         _run(proc, root, _spec("b"), 1, shards[1], keys=list(listed))
     assert not layout.done_path(root, "b", 1).exists()
+    # a worker sent without the keys (the listing appeared after it was sent) checks at write time
+    with pytest.raises(StoreMismatchError, match=r"changed since the store listed its keys \(store shard 1\): sample 0 is"):
+        _run(proc, root, _spec("b"), 1, shards[1])
+    assert not layout.done_path(root, "b", 1).exists()
     assert list(open_store(root).shard_listing(1)[0]) == list(listed)  # the first listing stays
 
 
