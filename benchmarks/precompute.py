@@ -34,7 +34,12 @@ plus the driver's, counted here on the same stream by running each version's pla
 in this process (this tree: ``plan_store``; REF's: ``list_shard`` of every shard, which is
 what its planner ran). Writes benchmarks/results/precompute_oneread.json.
 
-    python benchmarks/precompute.py --data DIR --weights teacher.pt --one-read --before-ref 2ca09ee --shards 4
+``--first-shard-inputs M`` also times the first stored shard with M input shards given (each
+run stopped with Ctrl-C once a shard is stored): the planner read every input before the first
+forward, so its wait grew with the input; now it does not.
+
+    python benchmarks/precompute.py --data DIR --weights teacher.pt --one-read --before-ref 2ca09ee --shards 4 \
+        --first-shard-inputs 30
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -284,8 +290,11 @@ class _Counted:
         self.raw.close()
 
 
-def driver_bytes(urls: list[str], work: Path) -> dict:
-    """Input bytes each version's driver reads before the first teacher batch, counted on the shard stream."""
+def driver_reads(urls: list[str], work: Path) -> dict:
+    """What each version's driver reads from the inputs before the first teacher batch, counted on
+    the shard stream in this process, and how long that step takes (seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from kdstore.pipeline import job
     from kdstore.pipeline.teacher import TeacherLoad
     from kdstore.store import shards
@@ -293,16 +302,57 @@ def driver_bytes(urls: list[str], work: Path) -> dict:
     real_open, total = shards._open, [0]
     shards._open = lambda url: _Counted(real_open(url), total)
     try:
-        for url in urls:  # the format 1 planner: list_shard of every shard (driver threads)
-            shards.list_shard(url)
-        before, total[0] = total[0], 0
-        cfg = job.PrecomputeConfig(store=work / "plan", inputs=tuple(urls), progress=False,
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:  # the format 1 planner, as it ran
+            list(pool.map(shards.list_shard, urls))
+        before_s, before, total[0] = time.perf_counter() - t, total[0], 0
+        store = work / f"plan-{uuid.uuid4().hex[:8]}"
+        cfg = job.PrecomputeConfig(store=store, inputs=tuple(urls), progress=False,
                                    teacher=TeacherLoad(factory="kdstore.pipeline.zoo:fashion_cnn", name="cnn"))
+        t = time.perf_counter()
         job.plan_store(cfg, urls)
-        after = total[0]
+        after_s, after = time.perf_counter() - t, total[0]
+        shutil.rmtree(store, ignore_errors=True)
     finally:
         shards._open = real_open
-    return {"kdstore-before": before, "kdstore": after}
+    return {"kdstore-before": {"bytes": before, "seconds": before_s}, "kdstore": {"bytes": after, "seconds": after_s}}
+
+
+def first_shard_only(side: str, urls: list[str], teacher: str, weights: str | None, batch: int, workers: int,
+                     work: Path, before: Path | None) -> dict:
+    """``kdstore precompute`` until its first done record appears, then Ctrl-C (the job stops its Ray)."""
+    import signal
+
+    out = work / "out-first"
+    shutil.rmtree(out, ignore_errors=True)
+    env = _env()
+    if side == "kdstore-before":
+        env["PYTHONPATH"] = os.pathsep.join([str(before), env["PYTHONPATH"]])
+    cmd = ["kdstore", "precompute", "--store", str(out), "--teacher", f"bench_teachers:{teacher}", "--teacher-name", teacher,
+           "--batch-size", str(batch), "--workers", str(workers), "--no-progress"]
+    if teacher == "cnn" and weights:
+        cmd += ["--teacher-arg", f"weights={weights}"]
+    for u in urls:
+        cmd += ["-i", u]
+    load = os.getloadavg()[0]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    first = None
+    while proc.poll() is None and first is None:
+        if list(out.glob("teachers/*/done/*.json")):
+            first = time.time() - t0
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    elif first is None:
+        raise SystemExit(f"{side} ended before storing a shard:\n{proc.stderr.read().decode()[-3000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return {"side": side, "shards": len(urls), "first_shard_s": first, "loadavg_1min_before": round(load, 2)}
 
 
 def one_read(args, urls: list[str], workers: int) -> None:
@@ -316,7 +366,13 @@ def one_read(args, urls: list[str], workers: int) -> None:
     sides = ("kdstore-before", "kdstore")
     try:
         before = old_tree(args.before_ref, work / "old")
-        driver = driver_bytes(urls, work)
+        driver = {side: v["bytes"] for side, v in driver_reads(urls, work).items()}
+        many = sorted(str(p) for p in args.data.glob("*.tar"))[: args.first_shard_inputs] if args.first_shard_inputs else []
+        planning = []  # the driver's step before the first forward, in this process, sides alternating
+        for rep in range(args.repeats):
+            for u in ([urls] + ([many] if many else [])):
+                planning.append({"repeat": rep, "inputs": len(u), **{f"{side}_{k}": v for side, d in driver_reads(u, work).items()
+                                                                      for k, v in d.items()}})
         for rep in range(args.repeats):
             for side in (sides if rep % 2 == 0 else sides[::-1]):
                 r = run_side(side, urls, args.teachers[0], args.weights, args.batch_size, workers, work, before=before)
@@ -324,6 +380,14 @@ def one_read(args, urls: list[str], workers: int) -> None:
                 r["input_bytes_driver"] = driver[side]
                 runs.append(r)
                 print(f"rep {rep} {side:15s} 1st shard {r['first_shard_s']:6.2f}s wall {r['wall_s']:6.1f}s "
+                      f"load {r['loadavg_1min_before']:.1f}", flush=True)
+        first_runs = []
+        for rep in range(args.repeats if many else 0):
+            for side in (sides if rep % 2 == 0 else sides[::-1]):
+                r = first_shard_only(side, many, args.teachers[0], args.weights, args.batch_size, workers, work, before)
+                r["repeat"] = rep
+                first_runs.append(r)
+                print(f"rep {rep} {side:15s} {len(many)} inputs: 1st shard {r['first_shard_s']:6.2f}s "
                       f"load {r['loadavg_1min_before']:.1f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -345,6 +409,31 @@ def one_read(args, urls: list[str], workers: int) -> None:
         fs = r["first_shard_s"]
         print(f"{r['side']:15s} {r['read_ratio']:19.3f} {fs['median']:13.2f} / {fs['min']:6.2f} / {fs['max']:6.2f} "
               f"{fs['median'] / base:9.2f} {r['wall_s']['median']:8.1f}")
+    plan_rows = []
+    print("\nthe driver's step before the first teacher batch (this process; before: list_shard of every shard in "
+          "16 threads, now: plan_store), median / min / max")
+    for n in sorted({p["inputs"] for p in planning}):
+        ps = [p for p in planning if p["inputs"] == n]
+        row = {"inputs": n, "input_bytes": sum(os.path.getsize(u) for u in (urls if n == len(urls) else many))}
+        for side in sides:
+            row[side] = {"seconds": _stats([p[f"{side}_seconds"] for p in ps]), "bytes": ps[0][f"{side}_bytes"]}
+        plan_rows.append(row)
+        print(f"{n:3d} shards ({row['input_bytes'] / 2**20:5.0f} MiB): before {row['kdstore-before']['seconds']['median']:6.2f} s "
+              f"/ {row['kdstore-before']['seconds']['min']:5.2f} / {row['kdstore-before']['seconds']['max']:5.2f} "
+              f"({row['kdstore-before']['bytes'] / row['input_bytes']:.2f} of the input read), now "
+              f"{row['kdstore']['seconds']['median']:6.3f} s ({row['kdstore']['bytes']} bytes read)")
+    first_rows = []
+    if first_runs:
+        many_bytes = sum(os.path.getsize(u) for u in many)
+        print(f"\ntime to the first stored shard with {len(many)} input shards ({many_bytes / 2**20:.0f} MiB; "
+              "each run stopped with Ctrl-C once a shard is stored)")
+        for side in sides:
+            st = _stats([r["first_shard_s"] for r in first_runs if r["side"] == side])
+            first_rows.append({"side": side, "inputs": len(many), "input_bytes": many_bytes, "first_shard_s": st})
+        for r in first_rows:
+            st = r["first_shard_s"]
+            print(f"{r['side']:15s} 1st shard s {st['median']:7.2f} / {st['min']:6.2f} / {st['max']:6.2f} "
+                  f"÷ before {st['median'] / first_rows[0]['first_shard_s']['median']:5.2f}")
     result = {
         "what": "one read of the inputs: input bytes read / input size and command start -> first stored shard, "
                 f"this tree vs kdstore at {args.before_ref}",
@@ -360,6 +449,12 @@ def one_read(args, urls: list[str], workers: int) -> None:
             "input_bytes_workers": "sum of the done records' extra.input_bytes of a kdstore run (same worker read in both)",
             "first_shard_s": "command start -> first done record (median, min, max over repeats)"},
         "table": rows, "runs": runs,
+        "planning_step": {"table": plan_rows, "runs": planning,
+                          "what": "the driver's step before the first teacher batch, timed in this process: before = the "
+                                  "format 1 planner's list_shard of every shard (16 threads), now = plan_store"},
+        "first_shard_many_inputs": {"table": first_rows, "runs": first_runs,
+                                    "what": "command start -> first done record with --first-shard-inputs shards given "
+                                            "(the run is stopped with Ctrl-C then); median / min / max"},
     }
     path = args.json if args.json != HERE / "results" / "precompute.json" else HERE / "results" / "precompute_oneread.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -394,6 +489,8 @@ def main() -> None:
     parser.add_argument("--one-read", action="store_true",
                         help="only the one-read comparison: this tree vs --before-ref (bytes read / input size, time to first shard)")
     parser.add_argument("--before-ref", default=None, help="git commit of the kdstore to compare with (--one-read)")
+    parser.add_argument("--first-shard-inputs", type=int, default=0,
+                        help="--one-read: also time the first stored shard with this many input shards (each run stopped then)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "precompute.json")
     args = parser.parse_args()
 
