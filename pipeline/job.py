@@ -31,7 +31,7 @@ from kdstore.pipeline.transform import TransformSpec
 from kdstore.pipeline.worker import ShardProcessor
 from kdstore.store import layout
 from kdstore.store.atomic import read_json
-from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
+from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.inputs import has_scheme, missing_local, normalize_url, recorded_to_absolute, shard_urls
 from kdstore.store.fs import is_remote, remote_errors
 from kdstore.store.lock import StoreLock, store_lock
