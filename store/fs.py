@@ -129,9 +129,28 @@ def zarr_store(path: Path | UPath, *, read_only: bool):
     if is_remote(path):
         import zarr.storage
 
-        # zarr wants an asynchronous filesystem: from_url builds one from the same URL (and env)
-        return zarr.storage.FsspecStore.from_url(str(path), storage_options=NO_CACHE, read_only=read_only)
+        # zarr wants an asynchronous filesystem: from_url builds one from the same URL (and env).
+        # max_concurrency 1: s3fs otherwise sends a HEAD before every whole-object GET (to split
+        # objects over 50 MiB into parallel ranges; a chunk is far smaller), doubling the requests.
+        options = NO_CACHE if not read_only else {**NO_CACHE, "max_concurrency": 1}
+        return zarr.storage.FsspecStore.from_url(str(path), storage_options=options, read_only=read_only)
     return str(path)
+
+
+def open_zarr_group(path: Path | UPath):
+    """Open a stored Zarr group read-only in one request for its metadata.
+
+    ``zarr.open_group`` without a format looks for v3 and v2 metadata both (on object storage
+    about ten requests, several of them listings); kdstore writes Zarr v3, so v3 is asked
+    first and the generic probe is only the fallback.
+    """
+    import zarr
+
+    store = zarr_store(path, read_only=True)
+    try:
+        return zarr.open_group(store, mode="r", zarr_format=3)
+    except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
+        return zarr.open_group(store, mode="r")
 
 
 def read_parquet(path: Path | UPath):

@@ -345,3 +345,19 @@ def test_a_changed_remote_index_is_fetched_again_and_a_torn_one_refused(stores, 
     with pytest.raises(StoreCorruptError, match="sha256"):
         open_store_index(remote, "cnn")
     build_store_index(remote, "cnn", "embedding", IndexSpec(kind="flat"), progress=False)  # leave a good one
+
+
+def test_an_epoch_from_s3_equals_local_with_and_without_read_ahead(stores, fmnist_shards, monkeypatch):
+    from kdstore.train.dataset import StreamingDataset
+
+    local, remote = stores
+    epochs = []
+    for store, depth in ((local, "0"), (remote, "0"), (remote, "2"), (remote, "1")):
+        monkeypatch.setenv("KDSTORE_STORE_PREFETCH", depth)
+        ds = StreamingDataset(store, fields={"cnn": ["logits", "embedding"]}, inputs=[str(p) for p in fmnist_shards],
+                              shuffle=True, shuffle_buffer=16, seed=3, verify="quick")
+        ds.set_epoch(1)
+        epochs.append([(item["row"], item["label"], item["input"].numpy().tobytes(), item["targets"]["cnn"]["logits"].tobytes(),
+                        item["targets"]["cnn"]["embedding"].tobytes()) for item in ds])
+    assert len(epochs[0]) == 200 and len({r for r, *_ in epochs[0]}) == 200
+    assert epochs[0] == epochs[1] == epochs[2] == epochs[3]
