@@ -102,10 +102,12 @@ def cluster(s3):
            "RAY_USAGE_STATS_ENABLED": "0"}
     address = f"{get_node_ip_address()}:{_free_port()}"
     nodes = [RayNode(["--head", f"--port={address.rsplit(':', 1)[1]}", "--include-dashboard=false"], env)]
+    started = time.monotonic()
     try:
         nodes[0].wait_started(90)
         nodes.append(RayNode([f"--address={address}"], env))
         nodes[1].wait_started(90)
+        print(f"\ncluster up in {time.monotonic() - started:.1f}s")
         yield address, nodes[0], nodes[1], env
     finally:
         for node in reversed(nodes):
@@ -132,6 +134,7 @@ def _attempts(marker: Path) -> list[tuple[int, str]]:
 
 def test_a_killed_node_loses_only_its_running_shard(cluster, s3, make_shards, tmp_path):
     address, _head, second, env = cluster
+    t0 = time.monotonic()
     for path in make_shards(SHARDS, 20):
         target = UPath(s3.url("cluster", "inputs", path.name))
         target.fs.put_file(str(path), target.path)
@@ -161,14 +164,15 @@ def test_a_killed_node_loses_only_its_running_shard(cluster, s3, make_shards, tm
     assert [h for h, n in attempts.items() if n > 1] == [killed_running]  # only the lost one ran again
     assert attempts[killed_running] == 2 and all(attempts[h] == 1 for h in finished_there)
     assert sum(attempts.values()) == SHARDS + 1
-    print(f"\ntwo-node job: second node killed at {killed_at:.1f}s, finished at {seconds:.1f}s; "
-          f"{sum(attempts.values())} shard attempts for {SHARDS} shards")
+    print(f"\ntwo-node job: uploads {start - t0:.1f}s; second node killed at {killed_at:.1f}s, job done at "
+          f"{seconds:.1f}s; {sum(attempts.values())} shard attempts for {SHARDS} shards")
 
     # The same job, uninterrupted, on the remaining node: byte-equal arrays and done records.
     reference = s3.url("cluster", "reference")
     ref_job = _precompute(address, env, reference, inputs, tmp_path / "ref.log", delay_s=0.0, workers=1)
     ref_output, _ = ref_job.communicate(timeout=180)
     assert ref_job.returncode == 0, ref_output[-3000:]
+    print(f"reference job done at {time.monotonic() - start:.1f}s")
     a, b = open_store(store).teacher("cnn"), open_store(reference).teacher("cnn")
     assert a.complete and b.complete and set(a.fields) == set(b.fields)
     for name in a.fields:
