@@ -181,3 +181,29 @@ def test_a_killed_node_loses_only_its_running_shard(cluster, s3, make_shards, tm
     assert {i: r.fields for i, r in a.done_records().items()} == {i: r.fields for i, r in b.done_records().items()}
     assert verify_store(open_store(store), check_inputs=False).ok
     np.testing.assert_array_equal(open_store(store).labels, open_store(reference).labels)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"cpus_per_worker": 0}, "--cpus-per-worker must be > 0"),
+    ({"gpus_per_worker": -1}, "--gpus-per-worker must be >= 0"),
+    ({"gpus_per_worker": 1}, "add --device cuda"),
+    ({"gpus_per_worker": 0, "device": "cuda"}, "give a fraction such as 0.5"),
+])
+def test_worker_resources_are_checked_before_anything_runs(kw, match):
+    from kdstore.pipeline.job import PrecomputeConfig
+    from kdstore.pipeline.teacher import TeacherLoad
+    from kdstore.store.errors import InputError
+
+    device = kw.pop("device", "cpu")
+    with pytest.raises(InputError, match=match):
+        PrecomputeConfig(store="s", inputs=("a.tar",), teacher=TeacherLoad(factory="m:f", device=device), **kw)
+
+
+def test_a_shard_whose_worker_keeps_dying_stops_the_job_with_one_line():
+    from kdstore.pipeline.actor_pool import MAX_SHARD_LOSSES, WorkerLostError, shard_lost
+
+    losses: dict[int, int] = {}
+    for _ in range(MAX_SHARD_LOSSES - 1):
+        shard_lost(losses, 4, "s3://b/train-000004.tar")
+    with pytest.raises(WorkerLostError, match=r"shard s3://b/train-000004.tar: its Ray worker died 3 times"):
+        shard_lost(losses, 4, "s3://b/train-000004.tar")
