@@ -97,16 +97,21 @@ def _parse_teacher_args(items: tuple[str, ...]) -> tuple[tuple[str, object], ...
               help="cpu, cuda (one GPU per worker; pick GPUs with CUDA_VISIBLE_DEVICES) or mps.")
 @click.option("--amp", is_flag=True, help="Autocast the teacher forward (useful on cuda).")
 @click.option("--ray-address", default=None,
-              help="Join this Ray cluster instead of starting a local one. Every node must see the store and "
-                   "the input shards at the same path (a shared filesystem); this is checked before the run.")
+              help="Join this Ray cluster instead of starting a local one. With a local --store every node must see it "
+                   "and the input shards at the same path (checked before the run); a store and inputs in object storage "
+                   "(s3://...) need no shared filesystem (docs/CLUSTER.md).")
+@click.option("--cpus-per-worker", type=float, default=None,
+              help="Ray CPUs each worker reserves (and torch threads it uses)  [default: min(1, CPUs/(workers+1))].")
+@click.option("--gpus-per-worker", type=float, default=None,
+              help="Ray GPUs each worker reserves with --device cuda (0.5: two workers share a GPU)  [default: 1].")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="fail: stop at the first bad shard/sample. skip: record it in the store and go on.")
 @click.option("--overwrite", is_flag=True, help="Discard this teacher's stored outputs (or the whole store if the inputs changed) and start over.")
 @click.option("--no-progress", is_flag=True)
 @user_errors
 def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input_key, layers, outputs, temperature,
-                   dtype, views, augment, transform, seed, batch_size, workers, device, amp, ray_address, on_error, overwrite,
-                   no_progress) -> None:
+                   dtype, views, augment, transform, seed, batch_size, workers, device, amp, ray_address, cpus_per_worker,
+                   gpus_per_worker, on_error, overwrite, no_progress) -> None:
     """Run a teacher once over WebDataset shards and store its outputs (resumes when rerun)."""
     from kdstore.pipeline.job import PrecomputeConfig, run_precompute
     from kdstore.pipeline.teacher import TeacherLoad
@@ -117,7 +122,8 @@ def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input
         teacher=TeacherLoad(factory=factory, name=teacher_name, input_key=input_key, layers=tuple(layers),
                             kwargs=_parse_teacher_args(teacher_arg), device=device),
         outputs=tuple(outputs), temperature=temperature, dtype=dtype, views=views, augment=augment, transform=transform, seed=seed,
-        batch_size=batch_size, workers=workers, ray_address=ray_address, on_error=on_error, overwrite=overwrite,
+        batch_size=batch_size, workers=workers, ray_address=ray_address, cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker, on_error=on_error, overwrite=overwrite,
         amp=amp, progress=not no_progress,
     )
     result = run_precompute(cfg)
@@ -126,6 +132,9 @@ def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input
         f"{result.rows} rows, {result.samples_skipped} samples skipped, {result.seconds:.1f}s"
         + (f" ({result.samples_per_s:.0f} samples/s)" if result.rows_run else "")
     )
+    if result.workers_lost:
+        click.echo(f"{result.workers_lost} worker(s) lost (a node or process died); shard(s) {result.shards_lost} "
+                   "were handed to another worker")
     for skipped in result.skipped_shards:
         click.echo(f"skipped shard {skipped['url']}: {skipped['reason']}", err=True)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from kdstore.cli.common import user_errors
+from kdstore.cli.common import StoreLocationType, user_errors
 
-STORE_ARG = click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+STORE_ARG = click.argument("store", type=StoreLocationType(exists=True))  # a folder, or s3://bucket/prefix
 TEACHER_OPT = click.option("--teacher", "teacher", required=True, help="Teacher name in the store.")
 FIELD_OPT = click.option("--field", default="embedding", show_default=True, help="Stored vector field ([D] per row): the one indexed (index, mine) or searched (query).")
 

@@ -27,13 +27,14 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
+from kdstore.pipeline.actor_pool import WorkerPool, _unwrap, shard_lost
 from kdstore.pipeline.augment import AugmentSpec
 from kdstore.pipeline.teacher import TeacherLoad, load_factory
 from kdstore.pipeline.transform import TransformSpec
 from kdstore.pipeline.worker import ShardProcessor
 from kdstore.store import layout
 from kdstore.store.atomic import read_json
-from kdstore.store.errors import InputError, KdStoreError, StoreMismatchError
+from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.inputs import has_scheme, missing_local, normalize_url, recorded_to_absolute
 from kdstore.store.fs import is_remote, remote_errors
 from kdstore.store.listing import read_listing, seal, start_plan
@@ -66,6 +67,8 @@ class PrecomputeConfig:
     batch_size: int = 256
     workers: int = 0  # 0 = auto: one per GPU on cuda, else up to 4 (PNG decoding is serial per worker)
     ray_address: str | None = None
+    cpus_per_worker: float | None = None  # Ray CPUs each actor reserves (None: min(1, CPUs / (workers + 1)))
+    gpus_per_worker: float | None = None  # Ray GPUs each actor reserves (None: 1 with --device cuda, else 0)
     on_error: str = "fail"
     overwrite: bool = False
     amp: bool = False
@@ -86,6 +89,16 @@ class PrecomputeConfig:
             (self.views >= 0, f"--views must be >= 0, got {self.views}"),
             (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
             (self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}"),
+            (self.cpus_per_worker is None or self.cpus_per_worker > 0,
+             f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}"),
+            (self.gpus_per_worker is None or self.gpus_per_worker >= 0,
+             f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}"),
+            (not (self.gpus_per_worker and not self.teacher.device.startswith("cuda")),
+             f"--gpus-per-worker {self.gpus_per_worker} reserves GPUs for workers that run on {self.teacher.device}: "
+             "add --device cuda, or drop --gpus-per-worker"),
+            (not (self.gpus_per_worker == 0 and self.teacher.device.startswith("cuda")),
+             "--device cuda with --gpus-per-worker 0: Ray would show the workers no GPU; give a fraction such as 0.5 "
+             "to share a GPU between workers"),
             (self.on_error in ("fail", "skip"), f"--on-error must be fail or skip, got {self.on_error!r}"),
             (not (self.views and not self.augment), "--views needs --augment (e.g. 'rrc:scale=0.5-1;hflip:p=0.5')"),
             (DEVICE_RE.fullmatch(self.teacher.device) is not None,
@@ -117,6 +130,8 @@ class PrecomputeResult:
     samples_skipped: int
     seconds: float
     skipped_shards: list[dict] = field(default_factory=list)
+    shards_lost: list[int] = field(default_factory=list)  # handed out again after their worker or node died
+    workers_lost: int = 0
 
     @property
     def samples_per_s(self) -> float:
@@ -159,18 +174,10 @@ def _ensure_ray(address: str | None) -> bool:
     return True
 
 
-def _auto_workers(cpus: float, gpu: bool) -> int:
+def _auto_workers(cpus: float, gpu: bool, gpus_per_worker: float = 1.0) -> int:
     if gpu:
-        return max(1, int(ray.cluster_resources().get("GPU", 1)))
+        return max(1, int(ray.cluster_resources().get("GPU", 1) / gpus_per_worker))
     return int(max(1, min(4, cpus)))
-
-
-def _unwrap(exc: Exception) -> Exception:
-    if isinstance(exc, RayTaskError):
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, KdStoreError):
-            return cause
-    return exc
 
 
 def plan_store(cfg: PrecomputeConfig, urls: list[str]) -> Store:
@@ -318,11 +325,12 @@ def _check_cluster(cfg: PrecomputeConfig, urls: list[str]) -> None:
             "--device cuda: the Ray cluster has no GPU (Ray found none; check nvidia-smi and "
             "CUDA_VISIBLE_DEVICES), so no worker could start; use --device cpu"
         )
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if cfg.teacher.device == "cuda" and cfg.workers > gpus:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    per = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else 1
+    if cfg.teacher.device == "cuda" and cfg.workers * per > gpus:
         raise ClusterError(
-            f"--workers {cfg.workers} with --device cuda needs one GPU per worker; the Ray cluster has {gpus}: "
-            f"use --workers {gpus} (or 0 = one per GPU)"
+            f"--workers {cfg.workers} with --device cuda needs {per:g} GPU per worker; the Ray cluster has {gpus:g}: "
+            f"use --workers {int(gpus / per)} (or 0 = as many as fit)"
         )
     if cfg.ray_address and not is_remote(cfg.store):  # an object store needs no shared filesystem
         check_shared_filesystem(cfg.store, [u for u in urls if not has_scheme(u)][:1])
@@ -393,25 +401,36 @@ def _overwrite_lock(cfg: PrecomputeConfig):
 def _run_locked(cfg, urls, start, fence_token: str) -> PrecomputeResult:
     cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
     gpu = cfg.teacher.device.startswith("cuda")
-    workers = cfg.workers or _auto_workers(cpus, gpu)
-    threads = max(1, int(cpus // workers)) if not cfg.ray_address else None
-    Actor = ray.remote(num_cpus=min(1.0, cpus / (workers + 1)), num_gpus=1 if gpu else 0)(ShardProcessor)
+    gpus_per_worker = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpu else 0.0)
+    workers = cfg.workers or _auto_workers(cpus, gpu, gpus_per_worker or 1.0)
+    cpus_per_worker = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else min(1.0, cpus / (workers + 1))
+    if cfg.cpus_per_worker is not None:
+        threads = max(1, int(cfg.cpus_per_worker))
+    else:
+        threads = max(1, int(cpus // workers)) if not cfg.ray_address else None
+    Actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(ShardProcessor)
     # KDSTORE_PREFETCH: decoded batches each actor's reader thread keeps ready (0: no reader thread;
     # benchmarks/precompute.py compares both)
     prefetch = int(os.environ.get("KDSTORE_PREFETCH", "2"))
-    actors = [Actor.remote(cfg.teacher, num_threads=threads, amp=cfg.amp, prefetch=prefetch) for _ in range(workers)]
+    pool = WorkerPool(lambda: Actor.remote(cfg.teacher, num_threads=threads, amp=cfg.amp, prefetch=prefetch), workers)
     try:
-        return _run_with_actors(cfg, urls, start, fence_token, actors)
+        return _run_with_actors(cfg, urls, start, fence_token, pool)
     finally:  # also when planning or the teacher check fails: no actor outlives the job
-        for actor in actors:
-            ray.kill(actor)
+        pool.kill_all()
 
 
-def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> PrecomputeResult:
+def _driver_pinned(remote_cls):
+    """``remote_cls`` placed on the driver's own node (it lives and dies with the job, not with a worker node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return remote_cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+
+
+def _run_with_actors(cfg, urls, start, fence_token: str, pool: WorkerPool) -> PrecomputeResult:
+    store = plan_store(cfg, urls)  # while the actors load the teacher
     try:
-        described_ref = actors[0].describe.remote()
-        store = plan_store(cfg, urls)
-        described = ray.get(described_ref)
+        described = pool.describe()
     except (RayTaskError, RayActorError) as exc:
         raise _unwrap(exc) from None
     spec = _teacher_spec(cfg, described)
@@ -429,32 +448,42 @@ def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> Precom
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
-    progress = ray.remote(num_cpus=0)(_Progress).remote()
+    progress = _driver_pinned(ray.remote(num_cpus=0)(_Progress)).remote()
+    # a worker's working directory may differ from the driver's: give it an absolute path or the URL
+    root = str(cfg.store) if is_remote(cfg.store) else os.path.abspath(cfg.store)
     pending: dict = {}
     queue = list(todo)
-    idle = list(actors) * 2  # two shards in flight per actor keeps it busy between tasks
+    losses: dict[int, int] = {}
+    lost_shards: list[int] = []
     rows_run = skipped = 0
     try:
         while queue or pending:
-            while queue and idle:
-                actor, shard = idle.pop(), queue.pop(0)
-                # a worker's working directory may differ from the driver's: give it an absolute path or the URL
-                root = str(cfg.store) if is_remote(cfg.store) else os.path.abspath(cfg.store)
+            pool.poll()
+            while queue and pool.free:
+                actor, shard = pool.free.pop(), queue.pop(0)
                 ref = actor.run_shard.remote(
                     root, spec, shard, _listed_keys(store, shard),
                     batch_size=cfg.batch_size, on_error=cfg.on_error, fence_token=fence_token, progress=progress,
                 )
                 pending[ref] = (actor, shard)
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            bar.update(max(0, ray.get(progress.total.remote()) - bar.n))
-            if not ready:
+            waiting = list(pending) or pool.wait_refs()
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5) if waiting else ([], [])
+            with contextlib.suppress(RayActorError):
+                bar.update(max(0, ray.get(progress.total.remote()) - bar.n))
+            if not ready or ready[0] not in pending:
                 continue
             actor, shard = pending.pop(ready[0])
             try:
                 record = ray.get(ready[0])
-            except (RayTaskError, RayActorError) as exc:
+            except RayTaskError as exc:
                 raise _unwrap(exc) from None
-            idle.append(actor)
+            except RayActorError:  # its process or node is gone: the shard goes to another actor
+                shard_lost(losses, shard.index, urls[shard.index])
+                lost_shards.append(shard.index)
+                queue.insert(0, shard)
+                pool.lost(actor)
+                continue
+            pool.free.append(actor)
             if isinstance(record, dict):  # an unreadable shard, skipped for the whole store (--on-error skip)
                 skipped_shards.append(record)
                 continue
@@ -482,4 +511,6 @@ def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> Precom
         seconds=time.perf_counter() - start,
         skipped_shards=list(sealed.skipped_shards),
         rows_run=rows_run,
+        shards_lost=sorted(lost_shards),
+        workers_lost=pool.workers_lost,
     )

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kdstore.store.errors import InputError, StoreCorruptError
+from kdstore.store.fs import file_sha256, is_remote, location
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 # "exact": no FAISS index, a blocked matrix product (kdstore.store.mine_exact); never saved.
@@ -319,15 +320,19 @@ class VectorIndex:
         record: a reader that finds it finds a complete index.
         """
         faiss = _faiss()
-        path = Path(path)
-        if path.suffix != ".faiss":
+        if location(path).suffix != ".faiss":
             raise InputError(f"index path must end in .faiss, got {path}")
+        if is_remote(location(path)):  # written locally, then uploaded with the .json last
+            from kdstore.store.index_remote import save_remote
+
+            return save_remote(self, location(path))
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         cpu_index = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         faiss.write_index(cpu_index, str(tmp))
+        meta = {**self.metadata(), "faiss_sha256": file_sha256(tmp)}  # a remote copy's cache checks it
         os.replace(tmp, path)
-        meta = self.metadata()
         n = len(self.row_ids)
         if n and np.array_equal(self.row_ids, np.arange(self.row_ids[0], self.row_ids[0] + n)):
             meta["row_ids"] = {"start": int(self.row_ids[0]), "stop": int(self.row_ids[0] + n)}
@@ -404,11 +409,11 @@ def build_index(
 
 def read_index_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``.json`` of the index at ``PATH.faiss``; StoreCorruptError when missing or foreign."""
-    json_path = Path(path).with_suffix(".json")
+    json_path = location(path).with_suffix(".json")
     try:
-        meta = json.loads(json_path.read_text())
+        meta = json.loads(json_path.read_bytes())
     except FileNotFoundError:
-        raise InputError(f"no index at {Path(path)} ({json_path.name} is missing): build it with `kdstore index`") from None
+        raise InputError(f"no index at {path} ({json_path.name} is missing): build it with `kdstore index`") from None
     except json.JSONDecodeError as err:
         raise StoreCorruptError(f"{json_path} is not valid JSON ({err})") from None
     if meta.get("format") != INDEX_FORMAT or meta.get("format_version") != INDEX_FORMAT_VERSION:
@@ -423,6 +428,10 @@ def load_index(path: str | os.PathLike[str], *, mmap: bool = False, use_gpu: boo
     "when FAISS sees a GPU" (never for hnsw).
     """
     faiss = _faiss()
+    if is_remote(location(path)):  # downloaded once into a local cache keyed by the index's record
+        from kdstore.store.index_remote import fetch
+
+        path = fetch(location(path))
     path = Path(path)
     meta = read_index_metadata(path)
     if not path.is_file():
@@ -446,7 +455,7 @@ def load_index(path: str | os.PathLike[str], *, mmap: bool = False, use_gpu: boo
         index = _to_gpu(index, spec)
     _apply_search_params(index, spec, on_gpu)
     known = {"format", "format_version", "kind", "metric", "params", "dim", "ntotal", "build_seconds",
-             "built_on", "faiss_version", "row_ids"}
+             "built_on", "faiss_version", "row_ids", "faiss_sha256"}
     extra = {k: v for k, v in meta.items() if k not in known}
     return VectorIndex(
         index, spec=spec, dim=int(meta["dim"]), row_ids=row_ids, on_gpu=on_gpu,

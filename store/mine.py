@@ -39,13 +39,13 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from kdstore.store.errors import InputError
+from kdstore.store.fs import is_remote, location, read_parquet, written_at
 from kdstore.store.index import GPU_MAX_K, VectorIndex, prepare_vectors
 
 NEGATIVES_SCHEMA = pa.schema(
@@ -461,24 +461,18 @@ def write_negatives(
     extra_metadata: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> MineStats:
-    """Mine and stream the result to ``path`` (Parquet), batch by batch: temp file, then ``os.replace``."""
+    """Mine and stream the result to ``path`` (Parquet), batch by batch: a temp file, then ``os.replace``
+    (on object storage: one upload, :func:`kdstore.store.fs.written_at`)."""
     import pyarrow.parquet as pq
 
     spec = spec or MineSpec()
     stats = MineStats()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    with written_at(location(path)) as tmp:
         with pq.ParquetWriter(tmp, NEGATIVES_SCHEMA) as writer:
             for batch in iter_negatives(index, vectors, spec, stats=stats, **kwargs):
                 writer.write_batch(batch)
             meta = _metadata(spec, stats, index, extra_metadata)
             writer.add_key_value_metadata({k.decode(): v.decode() for k, v in meta.items()})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return stats
 
 
@@ -486,10 +480,12 @@ def read_negatives(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, An
     """A negatives file and its ``{"spec", "stats", ...}`` record."""
     import pyarrow.parquet as pq
 
+    path = location(path)
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path)
     except FileNotFoundError:
         raise InputError(f"no negatives file at {path}: run `kdstore mine` first") from None
     # write_negatives adds the record to the file footer once mining has finished.
-    raw = (pq.read_metadata(path).metadata or {}).get(METADATA_KEY) or (table.schema.metadata or {}).get(METADATA_KEY)
+    footer = pq.read_metadata(path.path, filesystem=path.fs) if is_remote(path) else pq.read_metadata(path)
+    raw = (footer.metadata or {}).get(METADATA_KEY) or (table.schema.metadata or {}).get(METADATA_KEY)
     return table, json.loads(raw) if raw else {}

@@ -283,3 +283,81 @@ def test_cli_train_reads_an_s3_store_for_one_epoch(stores, tmp_path):
     assert max(r["step"] for r in log) == 6  # 150 training rows from s3:// in batches of 25
     assert json.loads((out / "config.json").read_text())["data"]["store"] == remote
     assert (out / "student.pt").is_file()
+
+
+# --------------------------------------------------------------------------- index, mine, query
+
+
+def test_cli_index_mine_query_on_an_s3_store_equal_local(stores, tmp_path, monkeypatch):
+    """index, mine and query with ``s3://`` give what they give on the local copy of the same store."""
+    from kdstore.store.retrieval import load_negatives
+
+    local, remote = stores
+    monkeypatch.setenv("KDSTORE_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    for store in (str(local), remote):
+        index = runner.invoke(main, ["index", store, "--teacher", "cnn", "--kind", "flat"])
+        assert index.exit_code == 0, index.output
+        mine = runner.invoke(main, ["mine", store, "--teacher", "cnn", "--kind", "flat", "--num-negatives", "2"])
+        assert mine.exit_code == 0, mine.output
+        assert "saved flat cosine index cnn.embedding.faiss" in mine.output  # mine used the index just built
+    root = layout.root_of(remote)
+    assert layout.index_path(root, "cnn", "embedding").exists()
+    assert not [p for p in root.fs.find(root.path) if p.endswith(".tmp")]
+    # the index files themselves: the same .faiss bytes, the record carries their sha256
+    faiss_local, faiss_remote = layout.index_path(local, "cnn", "embedding"), layout.index_path(root, "cnn", "embedding")
+    assert faiss_local.read_bytes() == faiss_remote.read_bytes()
+    record = json.loads(faiss_remote.with_suffix(".json").read_bytes())
+    import hashlib
+
+    assert record["faiss_sha256"] == hashlib.sha256(faiss_remote.read_bytes()).hexdigest()
+    # mined negatives: the same table from s3:// as locally
+    (ta, ma), (tb, mb) = load_negatives(local, "cnn"), load_negatives(remote, "cnn")
+    assert ta.equals(tb) and ma["spec"] == mb["spec"]
+    assert {k: v for k, v in ma["stats"].items() if k != "seconds"} == {k: v for k, v in mb["stats"].items() if k != "seconds"}
+    # query: the same hits; the index was downloaded once into the cache and reused
+    hits = []
+    for store in (str(local), remote, remote):
+        q = runner.invoke(main, ["query", store, "--teacher", "cnn", "--row", "7", "-k", "5", "--json"])
+        assert q.exit_code == 0, q.output
+        hits.append([json.loads(line) for line in q.output.splitlines()])
+    assert hits[0] == hits[1] == hits[2] and len(hits[0]) == 5
+    cached = list((tmp_path / "cache" / "index").glob("*/cnn.embedding.faiss"))
+    assert len(cached) == 1 and cached[0].read_bytes() == faiss_local.read_bytes()
+
+
+def test_a_changed_remote_index_is_fetched_again_and_a_torn_one_refused(stores, tmp_path, monkeypatch):
+    from kdstore.store.errors import StoreCorruptError
+    from kdstore.store.index import IndexSpec
+    from kdstore.store.retrieval import build_store_index, open_store_index
+
+    _, remote = stores
+    monkeypatch.setenv("KDSTORE_CACHE", str(tmp_path / "cache"))
+    flat, path = build_store_index(remote, "cnn", "embedding", IndexSpec(kind="flat"), progress=False)
+    assert isinstance(path, UPath) and open_store_index(remote, "cnn").spec.kind == "flat"
+    hnsw, _ = build_store_index(remote, "cnn", "embedding", IndexSpec(kind="hnsw"), progress=False)
+    assert open_store_index(remote, "cnn").spec.kind == "hnsw"  # a new record: not the cached flat copy
+    assert len(list((tmp_path / "cache" / "index").iterdir())) == 2
+    # a .faiss replaced under its record (a rebuild caught half way) is refused, not served
+    other = layout.index_path(layout.root_of(remote), "cnn", "embedding")
+    other.fs.pipe_file(other.path, b"not the indexed file")
+    monkeypatch.setenv("KDSTORE_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(StoreCorruptError, match="sha256"):
+        open_store_index(remote, "cnn")
+    build_store_index(remote, "cnn", "embedding", IndexSpec(kind="flat"), progress=False)  # leave a good one
+
+
+def test_an_epoch_from_s3_equals_local_with_and_without_read_ahead(stores, fmnist_shards, monkeypatch):
+    from kdstore.train.dataset import StreamingDataset
+
+    local, remote = stores
+    epochs = []
+    for store, depth in ((local, "0"), (remote, "0"), (remote, "2"), (remote, "1")):
+        monkeypatch.setenv("KDSTORE_STORE_PREFETCH", depth)
+        ds = StreamingDataset(store, fields={"cnn": ["logits", "embedding"]}, inputs=[str(p) for p in fmnist_shards],
+                              shuffle=True, shuffle_buffer=16, seed=3, verify="quick")
+        ds.set_epoch(1)
+        epochs.append([(item["row"], item["label"], item["input"].numpy().tobytes(), item["targets"]["cnn"]["logits"].tobytes(),
+                        item["targets"]["cnn"]["embedding"].tobytes()) for item in ds])
+    assert len(epochs[0]) == 200 and len({r for r, *_ in epochs[0]}) == 200
+    assert epochs[0] == epochs[1] == epochs[2] == epochs[3]

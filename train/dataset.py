@@ -31,7 +31,9 @@ from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.hashing import mix64
 from kdstore.store.inputs import check_inputs, mismatch_error, missing_local, moved_error, shard_urls
-from kdstore.store.layout import VIEWS_ARRAY
+from kdstore.store import layout
+from kdstore.store.fs import open_zarr_group
+from kdstore.store.layout import VALID_ARRAY, VIEWS_ARRAY
 from kdstore.store.reader import Store, open_store
 from kdstore.store.schema import ShardInfo
 from kdstore.store.shards import expand_urls, iter_samples
@@ -40,6 +42,7 @@ from kdstore.train.labels import LabelsSpec, labeled_mask  # noqa: F401 (labeled
 from kdstore.train.plan import (  # noqa: F401 (re-exported: they used to live here)
     Segment, SlotPlan, shard_order, shuffle_order, split_contiguous,
 )
+from kdstore.train.prefetch import read_ahead, store_prefetch
 
 # Online augmentation of epoch e draws view index ONLINE_VIEW_BASE - e: disjoint from the stored 0..V-1.
 ONLINE_VIEW_BASE = -1
@@ -215,6 +218,7 @@ class StreamingDataset(IterableDataset):
         if gone and not inputs:
             raise moved_error(self.store, gone[0], INPUTS_OPTION)
         self._check_teachers()
+        self._groups: dict = {}  # (teacher, shard, pid) -> open Zarr group (see _group)
         verify_inputs(self.store, self.urls, self.shards, verify)
         # Shared with forked DataLoader workers, so persistent workers see set_epoch/resume.
         self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -354,27 +358,49 @@ class StreamingDataset(IterableDataset):
         return next(self._read(plan, needed, epoch))[1]
 
     def _read(self, plan: SlotPlan, needed: np.ndarray, epoch: int) -> Iterator[tuple[int, dict]]:
-        """Yield ``(position, item)`` for the needed positions, in read order, shard by shard."""
-        offset = 0
+        """Yield ``(position, item)`` for the needed positions, in read order, shard by shard.
+
+        The store rows of the next :func:`store_prefetch` pieces are read by a background
+        thread while this one decodes the inputs of the current piece (:func:`read_ahead`).
+        """
+        pieces, offset = [], 0
         for seg in plan.segments:
             want = needed[offset : offset + len(seg.rows)]
             if want.any():
-                for i, item in self._read_segment(seg, seg.rows[want], epoch):
-                    yield offset + int(np.searchsorted(seg.rows, i)), item
+                pieces.append((offset, seg, seg.rows[want]))
             offset += len(seg.rows)
+        getters = read_ahead([(seg, rows) for _, seg, rows in pieces], self._targets, store_prefetch())
+        for (offset, seg, rows), stored in zip(pieces, getters):
+            for i, item in self._read_segment(seg, rows, epoch, stored):
+                yield offset + int(np.searchsorted(seg.rows, i)), item
 
-    def _read_segment(self, seg: Segment, rows: np.ndarray, epoch: int) -> Iterator[tuple[int, dict]]:
-        shard = seg.shard
+    def _targets(self, seg: Segment, rows: np.ndarray) -> tuple[dict, dict, np.ndarray | None]:
+        """``(blocks, valid, view params)`` of rows ``rows[0]..rows[-1]`` of the segment's shard: one
+        contiguous read per field and teacher for the whole piece of the shard."""
         lo, hi = int(rows[0]), int(rows[-1]) + 1
-        absolute = np.arange(shard.row_start + lo, shard.row_start + hi)
-        # One contiguous read per field and teacher for the whole piece of the shard.
-        blocks = {name: {f: t.read(f, absolute) for f in self.fields[name]} for name, t in self.teachers.items()}
-        valid = {name: t.valid(absolute) for name, t in self.teachers.items()}
-        params = None
-        if self.replay:
-            params = next(iter(self.teachers.values())).read(VIEWS_ARRAY, absolute)
+        groups = {name: self._group(name, seg.shard.index) for name in self.teachers}
+        blocks = {name: {f: groups[name][f][lo:hi] for f in self.fields[name]} for name in self.teachers}
+        valid = {name: groups[name][VALID_ARRAY][lo:hi] for name in self.teachers}
+        params = groups[next(iter(self.teachers))][VIEWS_ARRAY][lo:hi] if self.replay else None
+        return blocks, valid, params
+
+    def _group(self, teacher: str, shard_index: int):
+        """The shard's Zarr group, opened once per process (each open costs round trips on object storage;
+        ``_check_teachers`` made sure every selected shard is finished)."""
+        key = (teacher, shard_index, os.getpid())
+        if key not in self._groups:
+            self._groups[key] = open_zarr_group(layout.shard_array_path(self.store.path, teacher, shard_index))
+        return self._groups[key]
+
+    def _read_segment(self, seg: Segment, rows: np.ndarray, epoch: int, stored) -> Iterator[tuple[int, dict]]:
+        """``stored()``: the piece's targets (:meth:`_targets`), asked for once its first input is decoded."""
+        shard = seg.shard
+        lo = int(rows[0])
+        blocks = None
         keys = self.store.keys
         for i, image in self._inputs(seg, rows):
+            if blocks is None:
+                blocks, valid, params = stored()
             row = shard.row_start + i
             j = i - lo
             view = -1

@@ -83,3 +83,25 @@ def rgb_cnn() -> nn.Module:
     """A tiny CNN that expects 3-channel images (given 1-channel Fashion-MNIST it fails)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+
+class _AttemptLog(nn.Module):
+    """Logs ``pid sha1(batch)`` to ``marker`` as each forward *starts*, then sleeps ``delay_s``."""
+
+    def __init__(self, inner: nn.Module, delay_s: float, marker: str) -> None:
+        super().__init__()
+        self.inner, self.delay_s, self.marker = inner, delay_s, marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import hashlib
+
+        digest = hashlib.sha1(x.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+        with open(self.marker, "a") as fh:
+            fh.write(f"{os.getpid()} {digest}\n")
+        time.sleep(self.delay_s)
+        return self.inner(x)
+
+
+def attempt_logging_teacher(delay_s: float = 0.0, marker: str = "/dev/null") -> nn.Module:
+    """Fashion CNN (seed 0); with one batch per shard each log line is one shard attempt started."""
+    return _AttemptLog(fashion_cnn(seed=0), delay_s, marker)
