@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from kdstore.pipeline.augment import AugmentSpec
+from kdstore.pipeline.ingest import CLASSES as CLASSES_FILE
 from kdstore.pipeline.teacher import TeacherLoad, load_factory
 from kdstore.pipeline.transform import TransformSpec
 from kdstore.pipeline.worker import ShardProcessor
@@ -113,6 +116,7 @@ class PrecomputeResult:
     samples_skipped: int
     seconds: float
     skipped_shards: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def samples_per_s(self) -> float:
@@ -218,6 +222,53 @@ def plan_store(cfg: PrecomputeConfig, urls: list[str]):
         input_urls=urls,
     )
     return open_store(root)
+
+
+def input_label_names(urls: Sequence[str]) -> tuple[tuple[str, ...], str]:
+    """The label names of the input shards: ``classes.json`` beside them (written by ``kdstore
+    shards``), ``((), "")`` when there is none. Folders that disagree are refused: one label id
+    would mean two classes in one store."""
+    found: dict[tuple[str, ...], str] = {}
+    for folder in sorted({os.path.dirname(u) for u in urls if not has_scheme(u)}):
+        path = os.path.join(folder or ".", CLASSES_FILE)
+        if os.path.isfile(path):
+            try:
+                names = tuple(str(c) for c in json.loads(Path(path).read_text(encoding="utf-8"))["classes"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise InputError(f"{path}: not a kdstore classes.json ({exc})") from None
+            found.setdefault(names, path)
+    if len(found) > 1:
+        (a, pa), (b, pb) = list(found.items())[:2]
+        raise InputError(f"the input shards number their labels differently: {pa} has {list(a)}, {pb} has {list(b)}; "
+                         "write them with one order (kdstore shards folder --classes)")
+    return next(iter(found.items()), ((), ""))
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def check_class_names(teacher: str, class_names: Sequence[str], label_names: Sequence[str], source: str) -> list[str]:
+    """Refuse when the teacher's declared classes and the inputs' label names name the same
+    classes in another order (label id i would be compared with the teacher's logit i); a
+    warning (returned) when they differ otherwise. Names compare case- and punctuation-blind
+    (``T-shirt-top`` is ``T-shirt/top``)."""
+    if not class_names or not label_names:
+        return []
+    t, l = [_norm(c) for c in class_names], [_norm(c) for c in label_names]
+    if t == l:
+        return []
+    moved = [name for i, name in enumerate(label_names) if l[i] in t and t.index(l[i]) != i]
+    order = ",".join(class_names)
+    if moved:
+        raise StoreMismatchError(
+            f"teacher {teacher} numbers its classes {list(class_names)}, but the input shards' {source} numbers the "
+            f"labels {list(label_names)}: label {moved[0]!r} is id {label_names.index(moved[0])} there and logit "
+            f"{t.index(_norm(moved[0]))} for the teacher. Write the shards in the teacher's order: "
+            f"kdstore shards folder DIR OUT --classes {shlex.quote(order)} --overwrite (folder names; or a file, "
+            "one name per line)")
+    return [f"teacher {teacher} declares classes {list(class_names)}; the input shards' {source} names the labels "
+            f"{list(label_names)}: check that label id i is the teacher's class i"]
 
 
 def _teacher_spec(cfg: PrecomputeConfig, described: dict) -> TeacherSpec:
@@ -401,13 +452,18 @@ def _run_locked(cfg, urls, start, fence_token: str) -> PrecomputeResult:
 
 
 def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> PrecomputeResult:
+    label_names, source = input_label_names(urls)
     try:
         described_ref = actors[0].describe.remote()
+        if label_names:  # checked before the plan records the labels (a refusal leaves no store behind)
+            described = ray.get(described_ref)
+            check_class_names(described["name"], described["class_names"], label_names, source)
         store = plan_store(cfg, urls)
         described = ray.get(described_ref)
     except (RayTaskError, RayActorError) as exc:
         raise _unwrap(exc) from None
-    spec = _teacher_spec(cfg, described)
+    warnings = check_class_names(described["name"], described["class_names"], label_names, source)
+    spec = replace(_teacher_spec(cfg, described), class_names=tuple(described["class_names"]), label_names=label_names)
     _check_teacher(cfg, spec)
     clean_partial(cfg.store, spec.name)
     teacher = store.teacher(spec.name)
@@ -467,4 +523,5 @@ def _run_with_actors(cfg, urls, start, fence_token: str, actors: list) -> Precom
         seconds=time.perf_counter() - start,
         skipped_shards=list(store.manifest.skipped_shards),
         rows_run=rows_run,
+        warnings=warnings,
     )

@@ -364,3 +364,67 @@ def test_table_labels_ints_names_and_missing(tmp_path):
     assert json.loads((tmp_path / "n" / "classes.json").read_text())["classes"] == topics
     assert "cls" not in samples[2]  # an empty label cell: no label, not a class named ""
     assert [int(s["cls"]) for i, s in enumerate(samples) if i != 2] == [topics.index(r["topic"]) for i, r in enumerate(rows) if i != 2]
+
+
+# --------------------------------------------------------------------------- pinned class order
+
+
+FASHION_ORDER = ",".join(_class_dir(i) for i in range(10))  # folder names in the teacher's logit order
+
+
+def test_folder_classes_pin_the_label_ids(tmp_path):
+    files = _image_folder(tmp_path / "photos", 30)
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "pinned", "--classes", FASHION_ORDER, "--no-progress")
+    samples = _read(tmp_path / "pinned")
+    by_key = {rel[: -len(".png")].replace(".", "_").replace(" ", "_"): label for rel, label in files.items()}
+    assert {s["__key__"]: int(s["cls"]) for s in samples} == by_key  # the dataset's own label ids
+    assert json.loads((tmp_path / "pinned" / "classes.json").read_text())["classes"] == FASHION_ORDER.split(",")
+    names = tmp_path / "names.txt"  # the file form: one name per line
+    names.write_text("\n".join(FASHION_ORDER.split(",")) + "\n")
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "from_file", "--classes", names, "--no-progress")
+    assert _read(tmp_path / "from_file") == samples
+    sorted_ids = [int(s["cls"]) for s in _read_default(tmp_path)]
+    assert sorted_ids != [int(s["cls"]) for s in samples]  # the default (sorted) order numbers them otherwise
+    missing = _cli("shards", "folder", tmp_path / "photos", tmp_path / "x", "--classes", "Bag,Coat", ok=False)
+    assert missing.exit_code == 2 and "not in --classes" in missing.output and "'Ankle boot'" in missing.output
+    twice = _cli("shards", "folder", tmp_path / "photos", tmp_path / "y", "--classes", "Bag,Bag", ok=False)
+    assert twice.exit_code == 2 and "'Bag' is listed twice" in twice.output
+
+
+def _read_default(tmp_path: Path) -> list[dict]:
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "sorted", "--no-progress")
+    return _read(tmp_path / "sorted")
+
+
+def test_precompute_refuses_labels_numbered_otherwise_than_the_teacher(tmp_path, ray_session):
+    from kdstore.store import open_store
+
+    files = _image_folder(tmp_path / "photos", 20)
+    teacher = ("--teacher", "kdstore.pipeline.zoo:fashion_cnn", "--teacher-arg", "width=4", "--transform",
+               "resize:28;mode:L", "--workers", 1, "--no-progress")
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "sorted", "--no-progress")
+    refused = _cli("precompute", "--store", tmp_path / "bad", "-i", str(tmp_path / "sorted" / "*.tar"), *teacher,
+                   ok=False)
+    assert refused.exit_code == 2, refused.output
+    assert "numbers its classes" in refused.output and f"--classes {shlex.quote(','.join(FASHION_MNIST_CLASSES))}" \
+        in refused.output.replace("\n", " ")
+    assert not (tmp_path / "bad" / "store.json").exists()  # nothing planned with the wrong labels
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "pinned", "--classes", FASHION_ORDER, "--no-progress")
+    _cli("precompute", "--store", tmp_path / "good", "-i", str(tmp_path / "pinned" / "*.tar"), *teacher)
+    store = open_store(tmp_path / "good")
+    spec = store.teacher("fashion_cnn").spec
+    assert spec.class_names == FASHION_MNIST_CLASSES and list(spec.label_names) == FASHION_ORDER.split(",")
+    keys = [rel[: -len(".png")].replace(".", "_").replace(" ", "_") for rel in files]
+    assert dict(zip(store.keys, store.labels.tolist())) == dict(zip(keys, files.values()))
+
+
+def test_class_name_check_normalises_and_warns():
+    from kdstore.pipeline.job import check_class_names
+    from kdstore.store.errors import StoreMismatchError
+
+    assert check_class_names("t", FASHION_MNIST_CLASSES, FASHION_ORDER.split(","), "classes.json") == []
+    assert check_class_names("t", ("a", "b"), (), "") == []
+    warned = check_class_names("t", ("cat", "dog"), ("tabby", "puppy"), "x/classes.json")
+    assert len(warned) == 1 and "x/classes.json" in warned[0]
+    with pytest.raises(StoreMismatchError, match="label 'dog' is id 0 there and logit 1"):
+        check_class_names("t", ("cat", "dog"), ("dog", "cat"), "x/classes.json")
