@@ -1,4 +1,4 @@
-"""`kdstore shards folder|table|hf`: real images and texts -> real tars -> iter_samples / precompute."""
+"""`kdstore shards folder|table|hf`: real images and texts -> real tars -> iter_samples / precompute / `kdstore train`."""
 
 from __future__ import annotations
 
@@ -217,7 +217,34 @@ def _precompute(store: Path, inputs: str, teacher: str, output: str):
     return open_store(store)
 
 
-def test_tables_round_trip_through_minilm(tmp_path, ray_session, minilm):
+def _train_one_step(store: Path, out: Path, model: dict, losses: list[dict], batch_size: int) -> dict:
+    """``kdstore train`` on a tiny generated config: one epoch of one batch over every shard."""
+    def value(v):
+        return json.dumps(v) if isinstance(v, str) else str(v)
+
+    lines = ["[data]", f"store = {json.dumps(str(store))}", 'train_shards = ["shard-"]', 'labels = "all"',
+             f"batch_size = {batch_size}", "max_length = 32", "[model]",
+             *(f"{k} = {value(v)}" for k, v in model.items()), "[optim]", "lr = 0.01", "[train]",
+             f"out_dir = {json.dumps(str(out))}", "epochs = 1", "threads = 1", "checkpoint_every_steps = 0",
+             "eval_every_epochs = 0"]
+    for term in losses:
+        lines += ["[[loss]]", *(f"{k} = {value(v)}" for k, v in term.items())]
+    config = out.parent / f"{out.name}.toml"
+    config.write_text("\n".join(lines) + "\n")
+    _cli("train", config, "--no-progress")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and (out / "student.pt").is_file()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses_logged = [m["loss"] for m in metrics if "loss" in m]
+    assert losses_logged and all(np.isfinite(losses_logged))
+    from kdstore.train import load_student
+
+    assert load_student(out) is not None  # the trained student rebuilds from out_dir
+    return summary
+
+
+def test_tables_and_hf_text_round_trip_through_minilm_and_training(tmp_path, ray_session, minilm):
+    pytest.importorskip("datasets")
     rows = _bbc_rows(256)
     topics = sorted({r["topic"] for r in rows})
     keys = [r["id"].replace(".", "_") for r in rows]
@@ -232,13 +259,26 @@ def test_tables_round_trip_through_minilm(tmp_path, ray_session, minilm):
         assert [int(s["cls"]) for s in samples[suffix]] == [topics.index(r["topic"]) for r in rows]
         assert json.loads((tmp_path / suffix / "classes.json").read_text())["classes"] == topics
     assert samples["parquet"] == samples["jsonl"] == samples["csv"]
-    # one MiniLM run over a shard of each format: rows 0-23 (parquet), 24-47 (jsonl), 48-71 (csv)
+    # `kdstore shards hf` of a text column: 24 rows of every topic (a subset of the topics would number
+    # them otherwise in its classes.json, which precompute refuses beside the tables'), keys row-00000000..
+    import datasets
+
+    hf_rows = rows[::11]
+    assert len(hf_rows) == 24 and sorted({r["topic"] for r in hf_rows}) == topics
+    datasets.Dataset.from_list(hf_rows).save_to_disk(str(tmp_path / "hf_ds"))
+    _cli("shards", "hf", tmp_path / "hf_ds", tmp_path / "hf", "--text-column", "text", "--label-column", "topic",
+         "--no-progress")
+    # one MiniLM run over a shard of each format: rows 0-23 (parquet), 24-47 (jsonl), 48-71 (csv), 72-95 (hf)
     inputs = [str(tmp_path / suffix / f"shard-{i:06d}.tar") for i, suffix in enumerate(("parquet", "jsonl", "csv"))]
+    inputs.append(str(tmp_path / "hf" / "shard-000000.tar"))
     store = _precompute(tmp_path / "store", "::".join(inputs), "kdstore.pipeline.text_teacher:minilm", "embedding")
-    assert list(store.keys) == keys[:72]
-    assert list(store.labels) == [topics.index(r["topic"]) for r in rows[:72]]
+    assert list(store.keys) == keys[:72] + [f"row-{i:08d}" for i in range(24)]
+    assert list(store.labels) == [topics.index(r["topic"]) for r in rows[:72] + hf_rows]
     embedding = store.teacher("minilm").read("embedding").astype(np.float32)
-    assert embedding.shape == (72, 384) and np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-2)
+    assert embedding.shape == (96, 384) and np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-2)
+    # ... and one training step of a text student on those stored targets (MiniLM's tokenizer, recorded)
+    _train_one_step(tmp_path / "store", tmp_path / "student", {"arch": "bag", "hidden": 8},
+                    [{"kind": "ce"}, {"kind": "embedding", "teacher": "minilm"}], batch_size=128)
 
 
 def _hf_images(path: Path, n_train: int = 64, n_test: int = 16) -> list[bytes]:
@@ -263,7 +303,7 @@ def _hf_images(path: Path, n_train: int = 64, n_test: int = 16) -> list[bytes]:
     return pngs
 
 
-def test_hf_images_round_trip_through_precompute(tmp_path, ray_session):
+def test_hf_images_round_trip_through_precompute_and_training(tmp_path, ray_session):
     pytest.importorskip("datasets")
     pngs = _hf_images(tmp_path / "ds")
     _, labels = load_fashion_mnist("test")
@@ -281,6 +321,8 @@ def test_hf_images_round_trip_through_precompute(tmp_path, ray_session):
                         "kdstore.pipeline.zoo:fashion_cnn", "logits")
     assert list(store.keys) == keys and list(store.labels) == [int(x) for x in labels[:64]]
     assert store.teacher("fashion_cnn").read("logits").shape == (64, 10)
+    _train_one_step(tmp_path / "store", tmp_path / "student", {"arch": "mlp", "hidden": 8},
+                    [{"kind": "ce"}, {"kind": "kd", "teacher": "fashion_cnn", "temperature": 2.0}], batch_size=64)
 
 
 def test_hf_text_column_and_row_keys(tmp_path):
