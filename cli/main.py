@@ -137,6 +137,8 @@ def precompute_cmd(store_path, inputs, factory, teacher_name, teacher_arg, input
                    "were handed to another worker")
     for skipped in result.skipped_shards:
         click.echo(f"skipped shard {skipped['url']}: {skipped['reason']}", err=True)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _human(nbytes: float) -> str:

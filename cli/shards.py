@@ -119,18 +119,25 @@ def dataset_cmd(dataset: str, out_dir: Path, shard_size: int, seed: int) -> None
 @OUT_ARG
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with header file,label (file relative to FOLDER); lists the items. Without it, class subfolders are the labels.")
+@click.option("--classes", "classes", default=None, metavar="A,B,C|FILE",
+              help="Pin the label ids: class names in id order ('cat,dog' or a file: one name per line, a JSON "
+                   "list, or a classes.json), e.g. the order your teacher numbers its classes in. Default: sorted.")
 @_ingest_options
 @user_errors
-def folder_cmd(folder: Path, out_dir: Path, labels_csv: Path | None, **kw) -> None:
+def folder_cmd(folder: Path, out_dir: Path, labels_csv: Path | None, classes: str | None, **kw) -> None:
     """An image folder: FOLDER/CLASS/*.png (ImageFolder layout) or FOLDER/*.jpg + --labels.
 
     Images are stored as their original bytes (KEY.png, KEY.jpg, ...) after PIL verify();
     keys are the relative paths without extension ('cat/img_01'); class names sorted give the
-    label ids, written to OUT/classes.json.
+    label ids (or --classes pins them), written to OUT/classes.json. A teacher whose classes are
+    numbered otherwise must get the same order: `kdstore precompute` refuses shards whose
+    classes.json orders the teacher's class names differently.
     """
+    from kdstore.pipeline.ingest import read_classes_option
     from kdstore.pipeline.ingest_folder import FolderSource
 
-    _run(FolderSource(folder, labels=labels_csv, exclude=out_dir), out_dir, **kw)
+    pinned = read_classes_option(classes) if classes is not None else None
+    _run(FolderSource(folder, labels=labels_csv, exclude=out_dir, classes=pinned), out_dir, **kw)
 
 
 @shards_cmd.command("table", short_help="A CSV, JSON Lines or Parquet table of texts.")

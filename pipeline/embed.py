@@ -17,6 +17,7 @@ import numpy as np
 
 from kdstore.pipeline.reduce import reduce_outputs
 from kdstore.pipeline.teacher import TeacherLoad
+from kdstore.pipeline.transform import TransformSpec
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.reader import Store, open_store
 from kdstore.store.retrieval import QueryHit
@@ -67,7 +68,10 @@ def embed_samples(
 ) -> np.ndarray:
     """Run the store's teacher on raw samples → ``[n, dim]``, reduced and typed as stored.
 
-    Raises StoreMismatchError when the rebuilt teacher's fingerprint differs from the store's.
+    Each sample goes through what precompute did before the teacher: the teacher's
+    ``preprocess``, then the store's recorded ``--transform`` (``teacher.json`` ``transform``:
+    resize, crop, mode, normalisation), so an image of any size or mode embeds as it would have
+    in the store. Raises StoreMismatchError when the rebuilt teacher's fingerprint differs from the store's.
     """
     spec = store.teacher(teacher).spec
     outputs = [o for o in spec.outputs if field in o.fields()]
@@ -80,7 +84,12 @@ def embed_samples(
             f"{spec.factory} now has fingerprint {model.fingerprint[:16]}, the store was written with "
             f"{spec.fingerprint[:16]}: its embeddings are not comparable"
         )
-    raw = model.forward([model.preprocess(sample) for sample in samples])
+    transform = TransformSpec.parse(spec.transform)
+    inputs = []
+    for sample in samples:
+        x = model.preprocess(sample)
+        inputs.append(transform(x) if transform else x)
+    raw = model.forward(inputs)
     fields = reduce_outputs(raw, outputs, batch_size=len(samples), temperature=spec.temperature, dtype=np.dtype(spec.dtype))
     return fields[field]
 

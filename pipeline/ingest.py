@@ -108,22 +108,61 @@ def unique_keys(raw: Sequence[str], describe) -> list[str]:
     return keys
 
 
-def label_ids(values: Sequence) -> tuple[list[int | None], list[str] | None]:
+def label_ids(values: Sequence, classes: Sequence[str] | None = None) -> tuple[list[int | None], list[str] | None]:
     """Labels as ids: integers (or integer strings) stay as they are; other values map to
-    ``sorted(set(values))`` positions, returned as the class names. ``None``, NaN and empty
-    strings are "no label" (``None``): the sample gets no ``.cls``."""
+    ``sorted(set(values))`` positions — or, with ``classes`` (pinned names in id order), to
+    their position there (a name not listed is refused) — returned as the class names.
+    ``None``, NaN and empty strings are "no label" (``None``): the sample gets no ``.cls``."""
     present = [v for v in values if v is not None and v == v]  # drops None and NaN
     if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
         ids = [None if v is None else int(v) for v in values]
         if any(v is not None and v < 0 for v in ids):
             raise InputError(f"labels must be integers >= 0 or names, got {min(v for v in ids if v is not None)}")
-        return ids, None
+        return ids, _pinned_for_ids(ids, classes)
     text = [None if v is None or v != v or not str(v).strip() else str(v).strip() for v in values]  # "" = no label
     if all(t.isascii() and t.isdigit() for t in text if t is not None):
-        return [None if t is None else int(t) for t in text], None
+        ids = [None if t is None else int(t) for t in text]
+        return ids, _pinned_for_ids(ids, classes)
+    if classes is not None:
+        unknown = sorted({t for t in text if t is not None} - set(classes))
+        if unknown:
+            raise InputError(f"label(s) {unknown[:5]} are not in --classes {list(classes)}; list every label name")
+        code = {c: i for i, c in enumerate(classes)}
+        return [None if t is None else code[t] for t in text], list(classes)
     classes = sorted({t for t in text if t is not None})
     code = {c: i for i, c in enumerate(classes)}
     return [None if t is None else code[t] for t in text], classes
+
+
+def _pinned_for_ids(ids: list[int | None], classes: Sequence[str] | None) -> list[str] | None:
+    """Integer labels are ids already; pinned names then only name them (every id must have one)."""
+    if classes is None:
+        return None
+    top = max((i for i in ids if i is not None), default=-1)
+    if top >= len(classes):
+        raise InputError(f"label id {top} has no name in --classes ({len(classes)} names)")
+    return list(classes)
+
+
+def read_classes_option(text: str) -> list[str]:
+    """``--classes``: ``a,b,c``, or a file: a JSON list, a ``classes.json`` (``{"classes": [...]}``),
+    or one name per line."""
+    path = Path(text)
+    if path.is_file():
+        raw = path.read_text(encoding="utf-8")
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError:
+            names = [line.strip() for line in raw.splitlines() if line.strip()]
+        else:
+            names = doc.get("classes") if isinstance(doc, dict) else doc
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise InputError(f"--classes {path}: give a JSON list of names, {{\"classes\": [...]}} or one name per line")
+    else:
+        names = [n.strip() for n in text.split(",")]
+    if not names or any(not n for n in names):
+        raise InputError(f"--classes {text!r}: an empty class name; give 'a,b,c' or a file of names")
+    return names
 
 
 def _write_json(path: Path, obj) -> None:

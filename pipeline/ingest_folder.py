@@ -7,7 +7,11 @@ Two layouts:
 - **a flat folder with a labels CSV** (``labels=FILE.csv``, header ``file,label``; ``file``
   relative to ``DIR``): the CSV lists the items; labels are ints or names.
 
-With neither (no subfolders, no CSV) every image of ``DIR`` is an unlabeled item. Items
+With neither (no subfolders, no CSV) every image of ``DIR`` is an unlabeled item.
+
+``classes`` pins the label ids (``--classes a,b,c`` or a file): label id ``i`` is
+``classes[i]`` whatever the sorted order, e.g. the order a teacher numbers its classes in.
+Every class folder (or CSV label name) must be listed; a listed class may have no images. Items
 are sorted by relative path; the key is that path without its extension, sanitized
 (``cat/img.01.png`` → ``cat/img_01``). Each sample is ``{KEY.EXT: the file's bytes,
 KEY.cls}``; bytes are stored as they are (no re-encode), ``EXT`` is the lower-cased suffix.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from kdstore.pipeline.ingest import BadItem, check_image, label_ids, unique_keys
@@ -49,9 +54,17 @@ class FolderSource:
         *,
         labels: str | os.PathLike[str] | None = None,
         exclude: str | os.PathLike[str] | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
-        """``exclude``: a folder inside ``root`` to leave out (the output folder)."""
+        """``exclude``: a folder inside ``root`` to leave out (the output folder); ``classes``: the
+        label names in id order (pinned), else sorted."""
         self.root = Path(root)
+        pinned = list(classes) if classes is not None else None
+        if pinned is not None:
+            dupes = sorted({c for c in pinned if pinned.count(c) > 1})
+            if not pinned or dupes or any(not c for c in pinned):
+                raise InputError(f"--classes must list distinct, non-empty class names"
+                                 + (f" ({dupes[0]!r} is listed twice)" if dupes else ""))
         skip = Path(exclude).resolve() if exclude is not None else None
         if not self.root.is_dir():
             raise InputError(f"{self.root} is not a folder")
@@ -66,11 +79,17 @@ class FolderSource:
             )
             if class_dirs:
                 self.layout = "class-folders"
+                if pinned is not None:
+                    unknown = [d for d in class_dirs if d not in pinned]
+                    if unknown:
+                        raise InputError(f"{self.root}: class folder(s) {unknown[:5]} are not in --classes {pinned}; "
+                                         "list every class folder (a listed class may have no folder)")
+                ids = {name: (pinned.index(name) if pinned is not None else c) for c, name in enumerate(class_dirs)}
                 self.files = []
-                for c, name in enumerate(class_dirs):
+                for name in class_dirs:
                     files = [f"{name}/{rel}" for rel in _images_under(self.root / name, skip)]
                     self.files.extend(files)
-                    label_values.extend([c] * len(files))
+                    label_values.extend([ids[name]] * len(files))
             else:
                 self.layout = "flat"
                 self.files = _images_under(self.root, skip)
@@ -78,10 +97,12 @@ class FolderSource:
             raise InputError(f"{self.root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
         if self.layout == "class-folders":
             self.labels: list[int | None] = label_values
-            self.classes = class_dirs
+            self.classes = pinned if pinned is not None else class_dirs
         elif self.layout == "csv":
-            self.labels, self.classes = label_ids(label_values)
+            self.labels, self.classes = label_ids(label_values, classes=pinned)
         else:
+            if pinned is not None:
+                raise InputError(f"{self.root}: --classes needs labels (class subfolders or --labels FILE.csv)")
             self.labels, self.classes = [None] * len(self.files), None
         self.keys = unique_keys([f.rsplit(".", 1)[0] for f in self.files], self.describe)
         digest = hashlib.sha256()

@@ -17,9 +17,11 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from kdstore.pipeline.actor_pool import WorkerPool, _unwrap, shard_lost
 from kdstore.pipeline.augment import AugmentSpec
+from kdstore.pipeline.ingest import CLASSES as CLASSES_FILE
 from kdstore.pipeline.teacher import TeacherLoad, load_factory
 from kdstore.pipeline.transform import TransformSpec
 from kdstore.pipeline.worker import ShardProcessor
@@ -132,6 +135,7 @@ class PrecomputeResult:
     skipped_shards: list[dict] = field(default_factory=list)
     shards_lost: list[int] = field(default_factory=list)  # handed out again after their worker or node died
     workers_lost: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def samples_per_s(self) -> float:
@@ -232,6 +236,53 @@ def _listed_keys(store: Store, shard: ShardInfo) -> list[str] | None:
         return list(store.keys[shard.row_start : shard.row_stop])
     table = read_listing(store.path, shard.index)
     return None if table is None else table.column("key").to_pylist()
+
+
+def input_label_names(urls: Sequence[str]) -> tuple[tuple[str, ...], str]:
+    """The label names of the input shards: ``classes.json`` beside them (written by ``kdstore
+    shards``), ``((), "")`` when there is none. Folders that disagree are refused: one label id
+    would mean two classes in one store."""
+    found: dict[tuple[str, ...], str] = {}
+    for folder in sorted({os.path.dirname(u) for u in urls if not has_scheme(u)}):
+        path = os.path.join(folder or ".", CLASSES_FILE)
+        if os.path.isfile(path):
+            try:
+                names = tuple(str(c) for c in json.loads(Path(path).read_text(encoding="utf-8"))["classes"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise InputError(f"{path}: not a kdstore classes.json ({exc})") from None
+            found.setdefault(names, path)
+    if len(found) > 1:
+        (a, pa), (b, pb) = list(found.items())[:2]
+        raise InputError(f"the input shards number their labels differently: {pa} has {list(a)}, {pb} has {list(b)}; "
+                         "write them with one order (kdstore shards folder --classes)")
+    return next(iter(found.items()), ((), ""))
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def check_class_names(teacher: str, class_names: Sequence[str], label_names: Sequence[str], source: str) -> list[str]:
+    """Refuse when the teacher's declared classes and the inputs' label names name the same
+    classes in another order (label id i would be compared with the teacher's logit i); a
+    warning (returned) when they differ otherwise. Names compare case- and punctuation-blind
+    (``T-shirt-top`` is ``T-shirt/top``)."""
+    if not class_names or not label_names:
+        return []
+    t, l = [_norm(c) for c in class_names], [_norm(c) for c in label_names]
+    if t == l:
+        return []
+    moved = [name for i, name in enumerate(label_names) if l[i] in t and t.index(l[i]) != i]
+    order = ",".join(class_names)
+    if moved:
+        raise StoreMismatchError(
+            f"teacher {teacher} numbers its classes {list(class_names)}, but the input shards' {source} numbers the "
+            f"labels {list(label_names)}: label {moved[0]!r} is id {label_names.index(moved[0])} there and logit "
+            f"{t.index(_norm(moved[0]))} for the teacher. Write the shards in the teacher's order: "
+            f"kdstore shards folder DIR OUT --classes {shlex.quote(order)} --overwrite (folder names; or a file, "
+            "one name per line)")
+    return [f"teacher {teacher} declares classes {list(class_names)}; the input shards' {source} names the labels "
+            f"{list(label_names)}: check that label id i is the teacher's class i"]
 
 
 def _teacher_spec(cfg: PrecomputeConfig, described: dict) -> TeacherSpec:
@@ -428,12 +479,17 @@ def _driver_pinned(remote_cls):
 
 
 def _run_with_actors(cfg, urls, start, fence_token: str, pool: WorkerPool) -> PrecomputeResult:
-    store = plan_store(cfg, urls)  # while the actors load the teacher
+    label_names, source = input_label_names(urls)
     try:
+        if label_names:  # checked before the plan records the inputs (a refusal leaves no store behind)
+            described = pool.describe()
+            check_class_names(described["name"], described["class_names"], label_names, source)
+        store = plan_store(cfg, urls)  # while the actors load the teacher
         described = pool.describe()
     except (RayTaskError, RayActorError) as exc:
         raise _unwrap(exc) from None
-    spec = _teacher_spec(cfg, described)
+    warnings = check_class_names(described["name"], described["class_names"], label_names, source)
+    spec = replace(_teacher_spec(cfg, described), class_names=tuple(described["class_names"]), label_names=label_names)
     _check_teacher(cfg, spec)
     clean_partial(cfg.store, spec.name)
     teacher = store.teacher(spec.name)
@@ -513,4 +569,5 @@ def _run_with_actors(cfg, urls, start, fence_token: str, pool: WorkerPool) -> Pr
         rows_run=rows_run,
         shards_lost=sorted(lost_shards),
         workers_lost=pool.workers_lost,
+        warnings=warnings,
     )

@@ -77,6 +77,8 @@ class ModuleTeacher:
         self.input_key = input_key
         self.device = torch.device(device)
         self.fingerprint = fingerprint or state_dict_fingerprint(module)
+        # A module may declare what its logits mean: ``class_names`` (logit i is class_names[i]).
+        self.class_names = tuple(str(c) for c in (getattr(module, "class_names", None) or ()))
         self._captured: dict[str, torch.Tensor] = {}
         named = dict(self.module.named_modules())
         for layer in layers:

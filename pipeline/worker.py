@@ -54,7 +54,8 @@ class ShardProcessor:
     def describe(self) -> dict:
         if self._load_error:
             raise self._load_error
-        return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint, "input_key": self.teacher.input_key}
+        return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint, "input_key": self.teacher.input_key,
+                "class_names": [str(c) for c in (getattr(self.teacher, "class_names", None) or ())]}
 
     def compute(
         self, spec: TeacherSpec, shard: ShardInfo, keys: list[str] | None, *, batch_size: int, on_error: str,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdstore.pipeline.datasets import load_fashion_mnist
+from kdstore.pipeline.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from kdstore.store.errors import InputError
 
 
@@ -30,6 +30,8 @@ class FashionCNN(nn.Module):
         )
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 49, 128), nn.ReLU())
         self.head = nn.Linear(128, num_classes)
+        # logit i is class_names[i]: recorded by precompute and checked against the inputs' classes.json
+        self.class_names = FASHION_MNIST_CLASSES if num_classes == len(FASHION_MNIST_CLASSES) else ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(self.features(x)))

@@ -273,6 +273,10 @@ class TeacherSpec:
     layers: tuple[str, ...] = ()
     factory_args: dict[str, Any] = field(default_factory=dict)
     transform: str = ""  # image preprocessing before the teacher (kdstore.pipeline.transform); "" = none
+    # Recorded, never compared: the class names the teacher declares (``class_names``; logit i is
+    # class_names[i]) and the inputs' label names at precompute (their classes.json; label id i).
+    class_names: tuple[str, ...] = ()
+    label_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Text is accepted when building a spec by hand; each output carries the temperature.
@@ -285,6 +289,8 @@ class TeacherSpec:
         doc = asdict(self)
         doc["outputs"] = [o.to_text() for o in self.outputs]
         doc["layers"] = list(self.layers)
+        doc["class_names"] = list(self.class_names)
+        doc["label_names"] = list(self.label_names)
         return doc
 
     def fields(self) -> list[str]:
@@ -320,6 +326,8 @@ class TeacherSpec:
             layers=tuple(doc.get("layers", ())),
             factory_args=dict(doc.get("factory_args", {})),
             transform=doc.get("transform", ""),
+            class_names=tuple(doc.get("class_names", ())),
+            label_names=tuple(doc.get("label_names", ())),
         )
 
     def differences(self, other: "TeacherSpec") -> list[str]:

@@ -1,4 +1,4 @@
-"""`kdstore shards folder|table|hf`: real images and texts -> real tars -> iter_samples / precompute."""
+"""`kdstore shards folder|table|hf`: real images and texts -> real tars -> iter_samples / precompute / `kdstore train`."""
 
 from __future__ import annotations
 
@@ -217,7 +217,34 @@ def _precompute(store: Path, inputs: str, teacher: str, output: str):
     return open_store(store)
 
 
-def test_tables_round_trip_through_minilm(tmp_path, ray_session, minilm):
+def _train_one_step(store: Path, out: Path, model: dict, losses: list[dict], batch_size: int) -> dict:
+    """``kdstore train`` on a tiny generated config: one epoch of one batch over every shard."""
+    def value(v):
+        return json.dumps(v) if isinstance(v, str) else str(v)
+
+    lines = ["[data]", f"store = {json.dumps(str(store))}", 'train_shards = ["shard-"]', 'labels = "all"',
+             f"batch_size = {batch_size}", "max_length = 32", "[model]",
+             *(f"{k} = {value(v)}" for k, v in model.items()), "[optim]", "lr = 0.01", "[train]",
+             f"out_dir = {json.dumps(str(out))}", "epochs = 1", "threads = 1", "checkpoint_every_steps = 0",
+             "eval_every_epochs = 0"]
+    for term in losses:
+        lines += ["[[loss]]", *(f"{k} = {value(v)}" for k, v in term.items())]
+    config = out.parent / f"{out.name}.toml"
+    config.write_text("\n".join(lines) + "\n")
+    _cli("train", config, "--no-progress")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and (out / "student.pt").is_file()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses_logged = [m["loss"] for m in metrics if "loss" in m]
+    assert losses_logged and all(np.isfinite(losses_logged))
+    from kdstore.train import load_student
+
+    assert load_student(out) is not None  # the trained student rebuilds from out_dir
+    return summary
+
+
+def test_tables_and_hf_text_round_trip_through_minilm_and_training(tmp_path, ray_session, minilm):
+    pytest.importorskip("datasets")
     rows = _bbc_rows(256)
     topics = sorted({r["topic"] for r in rows})
     keys = [r["id"].replace(".", "_") for r in rows]
@@ -232,13 +259,26 @@ def test_tables_round_trip_through_minilm(tmp_path, ray_session, minilm):
         assert [int(s["cls"]) for s in samples[suffix]] == [topics.index(r["topic"]) for r in rows]
         assert json.loads((tmp_path / suffix / "classes.json").read_text())["classes"] == topics
     assert samples["parquet"] == samples["jsonl"] == samples["csv"]
-    # one MiniLM run over a shard of each format: rows 0-23 (parquet), 24-47 (jsonl), 48-71 (csv)
+    # `kdstore shards hf` of a text column: 24 rows of every topic (a subset of the topics would number
+    # them otherwise in its classes.json, which precompute refuses beside the tables'), keys row-00000000..
+    import datasets
+
+    hf_rows = rows[::11]
+    assert len(hf_rows) == 24 and sorted({r["topic"] for r in hf_rows}) == topics
+    datasets.Dataset.from_list(hf_rows).save_to_disk(str(tmp_path / "hf_ds"))
+    _cli("shards", "hf", tmp_path / "hf_ds", tmp_path / "hf", "--text-column", "text", "--label-column", "topic",
+         "--no-progress")
+    # one MiniLM run over a shard of each format: rows 0-23 (parquet), 24-47 (jsonl), 48-71 (csv), 72-95 (hf)
     inputs = [str(tmp_path / suffix / f"shard-{i:06d}.tar") for i, suffix in enumerate(("parquet", "jsonl", "csv"))]
+    inputs.append(str(tmp_path / "hf" / "shard-000000.tar"))
     store = _precompute(tmp_path / "store", "::".join(inputs), "kdstore.pipeline.text_teacher:minilm", "embedding")
-    assert list(store.keys) == keys[:72]
-    assert list(store.labels) == [topics.index(r["topic"]) for r in rows[:72]]
+    assert list(store.keys) == keys[:72] + [f"row-{i:08d}" for i in range(24)]
+    assert list(store.labels) == [topics.index(r["topic"]) for r in rows[:72] + hf_rows]
     embedding = store.teacher("minilm").read("embedding").astype(np.float32)
-    assert embedding.shape == (72, 384) and np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-2)
+    assert embedding.shape == (96, 384) and np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-2)
+    # ... and one training step of a text student on those stored targets (MiniLM's tokenizer, recorded)
+    _train_one_step(tmp_path / "store", tmp_path / "student", {"arch": "bag", "hidden": 8},
+                    [{"kind": "ce"}, {"kind": "embedding", "teacher": "minilm"}], batch_size=128)
 
 
 def _hf_images(path: Path, n_train: int = 64, n_test: int = 16) -> list[bytes]:
@@ -263,7 +303,7 @@ def _hf_images(path: Path, n_train: int = 64, n_test: int = 16) -> list[bytes]:
     return pngs
 
 
-def test_hf_images_round_trip_through_precompute(tmp_path, ray_session):
+def test_hf_images_round_trip_through_precompute_and_training(tmp_path, ray_session):
     pytest.importorskip("datasets")
     pngs = _hf_images(tmp_path / "ds")
     _, labels = load_fashion_mnist("test")
@@ -281,6 +321,8 @@ def test_hf_images_round_trip_through_precompute(tmp_path, ray_session):
                         "kdstore.pipeline.zoo:fashion_cnn", "logits")
     assert list(store.keys) == keys and list(store.labels) == [int(x) for x in labels[:64]]
     assert store.teacher("fashion_cnn").read("logits").shape == (64, 10)
+    _train_one_step(tmp_path / "store", tmp_path / "student", {"arch": "mlp", "hidden": 8},
+                    [{"kind": "ce"}, {"kind": "kd", "teacher": "fashion_cnn", "temperature": 2.0}], batch_size=64)
 
 
 def test_hf_text_column_and_row_keys(tmp_path):
@@ -364,3 +406,67 @@ def test_table_labels_ints_names_and_missing(tmp_path):
     assert json.loads((tmp_path / "n" / "classes.json").read_text())["classes"] == topics
     assert "cls" not in samples[2]  # an empty label cell: no label, not a class named ""
     assert [int(s["cls"]) for i, s in enumerate(samples) if i != 2] == [topics.index(r["topic"]) for i, r in enumerate(rows) if i != 2]
+
+
+# --------------------------------------------------------------------------- pinned class order
+
+
+FASHION_ORDER = ",".join(_class_dir(i) for i in range(10))  # folder names in the teacher's logit order
+
+
+def test_folder_classes_pin_the_label_ids(tmp_path):
+    files = _image_folder(tmp_path / "photos", 30)
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "pinned", "--classes", FASHION_ORDER, "--no-progress")
+    samples = _read(tmp_path / "pinned")
+    by_key = {rel[: -len(".png")].replace(".", "_").replace(" ", "_"): label for rel, label in files.items()}
+    assert {s["__key__"]: int(s["cls"]) for s in samples} == by_key  # the dataset's own label ids
+    assert json.loads((tmp_path / "pinned" / "classes.json").read_text())["classes"] == FASHION_ORDER.split(",")
+    names = tmp_path / "names.txt"  # the file form: one name per line
+    names.write_text("\n".join(FASHION_ORDER.split(",")) + "\n")
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "from_file", "--classes", names, "--no-progress")
+    assert _read(tmp_path / "from_file") == samples
+    sorted_ids = [int(s["cls"]) for s in _read_default(tmp_path)]
+    assert sorted_ids != [int(s["cls"]) for s in samples]  # the default (sorted) order numbers them otherwise
+    missing = _cli("shards", "folder", tmp_path / "photos", tmp_path / "x", "--classes", "Bag,Coat", ok=False)
+    assert missing.exit_code == 2 and "not in --classes" in missing.output and "'Ankle boot'" in missing.output
+    twice = _cli("shards", "folder", tmp_path / "photos", tmp_path / "y", "--classes", "Bag,Bag", ok=False)
+    assert twice.exit_code == 2 and "'Bag' is listed twice" in twice.output
+
+
+def _read_default(tmp_path: Path) -> list[dict]:
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "sorted", "--no-progress")
+    return _read(tmp_path / "sorted")
+
+
+def test_precompute_refuses_labels_numbered_otherwise_than_the_teacher(tmp_path, ray_session):
+    from kdstore.store import open_store
+
+    files = _image_folder(tmp_path / "photos", 20)
+    teacher = ("--teacher", "kdstore.pipeline.zoo:fashion_cnn", "--teacher-arg", "width=4", "--transform",
+               "resize:28;mode:L", "--workers", 1, "--no-progress")
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "sorted", "--no-progress")
+    refused = _cli("precompute", "--store", tmp_path / "bad", "-i", str(tmp_path / "sorted" / "*.tar"), *teacher,
+                   ok=False)
+    assert refused.exit_code == 2, refused.output
+    assert "numbers its classes" in refused.output and f"--classes {shlex.quote(','.join(FASHION_MNIST_CLASSES))}" \
+        in refused.output.replace("\n", " ")
+    assert not (tmp_path / "bad" / "store.json").exists()  # nothing planned with the wrong labels
+    _cli("shards", "folder", tmp_path / "photos", tmp_path / "pinned", "--classes", FASHION_ORDER, "--no-progress")
+    _cli("precompute", "--store", tmp_path / "good", "-i", str(tmp_path / "pinned" / "*.tar"), *teacher)
+    store = open_store(tmp_path / "good")
+    spec = store.teacher("fashion_cnn").spec
+    assert spec.class_names == FASHION_MNIST_CLASSES and list(spec.label_names) == FASHION_ORDER.split(",")
+    keys = [rel[: -len(".png")].replace(".", "_").replace(" ", "_") for rel in files]
+    assert dict(zip(store.keys, store.labels.tolist())) == dict(zip(keys, files.values()))
+
+
+def test_class_name_check_normalises_and_warns():
+    from kdstore.pipeline.job import check_class_names
+    from kdstore.store.errors import StoreMismatchError
+
+    assert check_class_names("t", FASHION_MNIST_CLASSES, FASHION_ORDER.split(","), "classes.json") == []
+    assert check_class_names("t", ("a", "b"), (), "") == []
+    warned = check_class_names("t", ("cat", "dog"), ("tabby", "puppy"), "x/classes.json")
+    assert len(warned) == 1 and "x/classes.json" in warned[0]
+    with pytest.raises(StoreMismatchError, match="label 'dog' is id 0 there and logit 1"):
+        check_class_names("t", ("cat", "dog"), ("dog", "cat"), "x/classes.json")

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kdstore.pipeline.augment import AugmentSpec, apply_view, view_params
+from kdstore.pipeline.transform import TransformSpec
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.hashing import mix64
 from kdstore.store.inputs import check_inputs, mismatch_error, missing_local, moved_error, shard_urls
@@ -123,7 +124,9 @@ class StreamingDataset(IterableDataset):
     - ``targets[teacher][field]``: the stored row as numpy (view axis resolved, stored dtype),
       plus ``targets[teacher]["valid"]`` (bool);
     - ``row`` int store row; ``key`` str; ``valid`` bool (all teachers valid); ``pad`` bool (blank
-      filler so all slots have equal length; never valid); ``view`` int (-1 = none).
+      filler so all slots have equal length; never valid); ``view`` int (-1 = none);
+    - ``teacher_input`` (only with ``teacher_transform`` differing from the student's transform):
+      the image as the teacher saw it in precompute (its recorded transform, same fresh view).
 
     A ``DataLoader`` with the default collate (or the faster :func:`collate`) turns these
     into batched tensors.
@@ -144,6 +147,8 @@ class StreamingDataset(IterableDataset):
         augment: fresh seeded augmentation per epoch (online KD); exclusive with stored views.
         transform: image preprocessing before views: ``"store"`` (the teachers' recorded
             ``--transform``), ``"none"``, or a transform text. tokenizer / max_length: for text inputs.
+        teacher_transform: online KD: the live teacher's recorded ``--transform``; when it differs
+            from the student's, each item also carries ``teacher_input`` (the image through it).
         rank / world_size: default from ``torch.distributed`` when initialised.
         loader_workers / loader_batch_size: the DataLoader's ``num_workers`` and ``batch_size``;
             needed for :meth:`batches_per_rank` and mid-epoch resume (None: not checked).
@@ -175,6 +180,7 @@ class StreamingDataset(IterableDataset):
         loader_batch_size: int = 1,
         cache: InputCache | bool | None = None,
         verify: str = "full",
+        teacher_transform: str | None = None,
     ) -> None:
         super().__init__()
         self.store = store if isinstance(store, Store) else open_store(store)
@@ -189,6 +195,13 @@ class StreamingDataset(IterableDataset):
         self.input_spec = InputSpec.resolve(self.input_key, teacher_specs=specs, transform=transform,
                                             tokenizer=tokenizer, max_length=max_length)
         self.decoder = self.input_spec.decoder()
+        # Online KD: the live teacher must see what precompute fed it (its recorded transform),
+        # not the student's preprocessing; only when the two differ does an item carry both.
+        self.teacher_transform: TransformSpec | None = None
+        if teacher_transform is not None and self.input_spec.kind == "image":
+            spec = TransformSpec.parse(teacher_transform)
+            if spec.to_text() != self.input_spec.transform:
+                self.teacher_transform = spec
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, int(shuffle_buffer), int(seed)
         self.only_labeled = only_labeled
         self.labeled = labeled_mask(self.store, self.shards, LabelsSpec.parse(labels), labels_seed)
@@ -398,11 +411,15 @@ class StreamingDataset(IterableDataset):
         lo = int(rows[0])
         blocks = None
         keys = self.store.keys
-        for i, image in self._inputs(seg, rows):
+        for i, raw in self._inputs(seg, rows):
             if blocks is None:
                 blocks, valid, params = stored()
             row = shard.row_start + i
             j = i - lo
+            image = self.decoder.finish(raw)
+            teacher_image = None
+            if self.teacher_transform is not None:
+                teacher_image = self.teacher_transform(raw) if self.teacher_transform else raw
             view = -1
             if self.replay:
                 # Each row walks through its stored views from a seeded start, one per epoch:
@@ -416,6 +433,10 @@ class StreamingDataset(IterableDataset):
                 p = view_params(self.augment, seed=self.seed, key=keys[row], view=ONLINE_VIEW_BASE - epoch,
                                 height=image.shape[1], width=image.shape[2])
                 image = apply_view(image, p)
+                if teacher_image is not None:  # the same draw on the teacher's own image size
+                    p = view_params(self.augment, seed=self.seed, key=keys[row], view=ONLINE_VIEW_BASE - epoch,
+                                    height=teacher_image.shape[1], width=teacher_image.shape[2])
+                    teacher_image = apply_view(teacher_image, p)
             targets = {}
             ok = True
             for name in self.teachers:
@@ -425,7 +446,7 @@ class StreamingDataset(IterableDataset):
                 per["valid"] = bool(valid[name][j])
                 ok &= per["valid"]
                 targets[name] = per
-            yield i, {
+            item = {
                 "input": image,
                 "label": int(self.store.labels[row]) if self.labeled[row] else -1,
                 "targets": targets,
@@ -435,14 +456,17 @@ class StreamingDataset(IterableDataset):
                 "pad": False,
                 "view": view,
             }
+            if teacher_image is not None:
+                item["teacher_input"] = teacher_image
+            yield i, item
 
     def _inputs(self, seg: Segment, rows: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(local_row, input)`` for ``rows`` of the segment's shard, from the cache (images before
-        their transform) or the tar."""
+        """``(local_row, decoded input before its transform)`` for ``rows`` of the segment's shard,
+        from the cache (images) or the tar."""
         shard, cache, decoder = seg.shard, self.cache, self.decoder
         if cache is not None and cache.has_all(seg.url, rows):
             for i in rows.tolist():
-                yield i, decoder.finish(cache.get(seg.url, i))
+                yield i, cache.get(seg.url, i)
             return
         keys = self.store.keys
         wanted = set(rows.tolist())
@@ -458,7 +482,7 @@ class StreamingDataset(IterableDataset):
                 x = decoder.raw(sample)
                 if cache is not None:
                     cache.put(seg.url, shard.num_rows, i, x)
-                yield i, decoder.finish(x)
+                yield i, x
             if i >= last:
                 return
         detail = f"it ends after {i + 1} samples, the store has {shard.num_rows}"
@@ -471,8 +495,11 @@ def _blank(template: dict) -> dict:
         name: {f: (False if f == "valid" else np.zeros_like(v)[()]) for f, v in per.items()}  # [()]: 0-d → scalar
         for name, per in template["targets"].items()
     }
-    return {"input": torch.zeros_like(template["input"]), "label": -1, "targets": targets, "row": -1, "key": "",
-            "valid": False, "pad": True, "view": -1}
+    blank = {"input": torch.zeros_like(template["input"]), "label": -1, "targets": targets, "row": -1, "key": "",
+             "valid": False, "pad": True, "view": -1}
+    if "teacher_input" in template:
+        blank["teacher_input"] = torch.zeros_like(template["teacher_input"])
+    return blank
 
 
 def collate(items: list[dict]) -> dict:

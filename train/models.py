@@ -185,6 +185,8 @@ def build_model(cfg, input_shape: Sequence[int], num_classes: int, teacher_shape
                                 dual_head=cfg.dual_head)
         record = {"arch": m.arch, "hidden": m.hidden, "width": m.width, "dual_head": cfg.dual_head}
     record.update(input_shape=[int(d) for d in input_shape], num_classes=int(num_classes))
+    if getattr(input_shape, "vocab_size", None) is not None:  # text: the token embedding's size
+        record["vocab_size"] = int(input_shape.vocab_size)
 
     sources = {i: _source(term, KINDS[term.kind]) for i, term in enumerate(cfg.loss)}
     sources = {i: s for i, s in sources.items() if s is not None}

@@ -2,8 +2,10 @@
 
 With ``[online] enabled = true`` the recipe streams the same shards without reading any
 stored target, draws a fresh seeded augmentation per sample and epoch (``online.augment``),
-and calls :class:`OnlineTargets` on every batch: the teacher's forward on exactly the input
-the student sees, reduced to the stored field names, so the losses cannot tell the difference.
+and calls :class:`OnlineTargets` on every batch: the teacher's forward on the input the student
+sees — through the teacher's recorded ``--transform`` when ``data.transform`` gives the student
+another one (``teacher_input``) — reduced to the stored field names, so the losses cannot tell
+the difference.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ class OnlineTargets:
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict[str, dict[str, Tensor]]:
-        x: Tensor = batch["input"]
+        # The image as precompute fed it to the teacher (its recorded --transform); the dataset adds
+        # ``teacher_input`` only when the student's preprocessing differs from it.
+        x: Tensor = batch.get("teacher_input", batch["input"])
         raw = self.teacher.forward(list(x))
         reduced = reduce_outputs(raw, self.specs, batch_size=x.shape[0], temperature=self.temperature, dtype=self.dtype)
         out = {f: torch.from_numpy(reduced[f]).to(x.device) for f in self.fields}

@@ -129,6 +129,7 @@ class Recipe:
             labels=d.labels, labels_seed=d.labels_seed, only_labeled=d.only_labeled, shuffle=True,
             shuffle_buffer=d.shuffle_buffer, seed=cfg.train.seed,
             augment=cfg.online.augment if cfg.online.enabled else "",
+            teacher_transform=self.store.teacher(cfg.online.teacher).spec.transform if cfg.online.enabled else None,
             rank=self.rank, world_size=self.world_size, loader_workers=d.workers, loader_batch_size=d.batch_size,
             cache=cache, verify=d.verify_inputs if self.is_main else "off",
         )

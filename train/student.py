@@ -205,6 +205,10 @@ def rebuild(record: dict, factory: str | None = None) -> nn.Module:
     from kdstore.train.models import build_student
 
     shape, k = tuple(record["input_shape"]), int(record["num_classes"])
+    if "vocab_size" in record:  # a text student: (max_length,) with the tokenizer's vocabulary
+        from kdstore.train.inputs import TextShape
+
+        shape = TextShape(shape[0], int(record["vocab_size"]))
     if record.get("factory"):
         spec = record.get("factory_file") and f"{record['factory_file']}:{record['factory'].rpartition(':')[2]}"
         net = call_factory(factory or spec or record["factory"], record.get("args", {}), num_classes=k,
