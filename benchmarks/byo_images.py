@@ -127,13 +127,13 @@ class Bench:
             info["teacher_seconds"] = round(time.perf_counter() - start, 1)
         meta = weights.with_suffix(".json")
         info["teacher"] = {"weights": str(weights), **(json.loads(meta.read_text()) if meta.exists() else {})}
-        if not (self.store / "precompute.done").exists():
+        if not (self.work / "precompute.done").exists():
             start = time.perf_counter()
             kdstore("precompute", "--store", self.store, "-i", str(self.work / "shards" / "train" / "*.tar"),
                     "-i", str(self.work / "shards" / "test" / "*.tar"), "--teacher", "kdstore.pipeline.zoo:fashion_cnn",
                     "--teacher-name", "cnn", "--teacher-arg", f"weights={weights}", "--transform", TRANSFORM,
                     "--workers", a.workers, "--no-progress")
-            (self.store / "precompute.done").write_text("")
+            (self.work / "precompute.done").write_text("")
             info["precompute_seconds"] = round(time.perf_counter() - start, 1)
         from kdstore.store import open_store
 

@@ -1,8 +1,10 @@
 """Images of any size and mode through the CLI: a folder of Fashion-MNIST PNGs at 28, 32 and
 40 px, L and RGB → ``kdstore shards folder`` → ``kdstore precompute --transform
 'resize:28;mode:L'`` (the Fashion CNN teacher) → ``kdstore train`` replaying the recorded
-transform. With a few labels, the stored targets must beat the labels alone (3 seeds, each its
-own labelled subset). Sizes here are small; full-size numbers are in docs/TRAINING.md.
+transform, for the factory student ``configs/students.py:mlp_student`` (a file outside the
+package). With a few labels, the stored targets must beat the labels alone (3 seeds, each its
+own labelled subset). Sizes here are small; the full-size run is benchmarks/byo_images.py
+(docs/TRAINING.md).
 """
 
 from __future__ import annotations
