@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from kdstore.pipeline.datasets import MIXED_SIZES, load_fashion_mnist, write_png_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import welch
@@ -98,7 +99,6 @@ class Bench:
 
     # ------------------------------------------------------------------ data
     def data(self) -> None:
-        from kdstore.pipeline.datasets import load_fashion_mnist, write_png_folder
 
         a, info = self.args, self.results["data"]
         for split, n in (("train", a.train), ("test", a.test)):
@@ -144,6 +144,11 @@ class Bench:
             rows = np.concatenate([np.arange(s.row_start, s.row_stop) for s in store.select_shards([f"{split}-"])])
             agree = teacher.read("logits", rows).argmax(1) == store.labels[rows]
             info[f"teacher_accuracy_{split}_pngs"] = float(agree.mean())
+            i = np.arange(len(rows))  # row i is PNG i: size MIXED_SIZES[i % 3], RGB when (i // 3) is odd
+            info[f"teacher_accuracy_{split}_pngs_by_size"] = {f"{size}px": float(agree[i % 3 == k].mean())
+                                                              for k, size in enumerate(MIXED_SIZES)}
+            info[f"teacher_accuracy_{split}_pngs_by_mode"] = {m: float(agree[(i // 3) % 2 == k].mean())
+                                                              for k, m in enumerate(("L", "RGB"))}
         names = [s.url.rstrip("/").rsplit("/", 1)[-1] for s in store.select_shards(["train-"])]
         self.val_train, self.val_eval = names[: -a.val_shards], names[-a.val_shards:]
         info["val_split"] = {"train_shards": len(self.val_train), "eval_shards": self.val_eval,
@@ -304,7 +309,10 @@ def main() -> None:
                 "labels": "per_class:100", "labels_seed": "= seed", "base_lr": BASE_LR, "base_weight_decay": BASE_WD}
     b = Bench(args, settings)
     b.results["machine"] = {"host": f"{platform.node()} {platform.machine()}", "cpus": os.cpu_count(),
-                            "shared": "~6 engineers on these cores", "jobs": args.jobs, "loadavg_at_start": [round(x, 1) for x in os.getloadavg()]}
+                            "shared": "~6 engineers on these cores"}
+    invocation = {"stages": args.stage or ["data", "tune", "test"], "jobs": args.jobs,
+                  "loadavg_at_start": [round(x, 1) for x in os.getloadavg()]}
+    b.results.setdefault("invocations", []).append(invocation)
     start = time.perf_counter()
     try:
         for stage in args.stage or ["data", "tune", "test"]:
@@ -312,8 +320,8 @@ def main() -> None:
                 b.data()
             getattr(b, stage)()
     finally:
-        b.results["machine"]["loadavg_at_end"] = [round(x, 1) for x in os.getloadavg()]
-        b.results["machine"]["last_invocation_seconds"] = round(time.perf_counter() - start, 1)
+        invocation["loadavg_at_end"] = [round(x, 1) for x in os.getloadavg()]
+        invocation["seconds"] = round(time.perf_counter() - start, 1)
         report(b)
 
 
