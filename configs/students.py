@@ -1,4 +1,5 @@
-"""An example student factory outside the package, for configs/fashion_factory_student.toml.
+"""Example student factories outside the package, for configs/fashion_factory_student.toml
+(``small_convnet``) and configs/images_few_labels_*.toml (``mlp_student``).
 
 Any function returning a ``torch.nn.Module`` works as ``[model] factory``. The trainer passes
 ``num_classes`` (and ``input_shape``) when the function has parameters of those names, and
@@ -6,6 +7,8 @@ Any function returning a ``torch.nn.Module`` works as ``[model] factory``. The t
 """
 
 from __future__ import annotations
+
+import math
 
 from torch import Tensor, nn
 
@@ -34,3 +37,10 @@ class SmallConvNet(nn.Module):
 
 def small_convnet(num_classes: int, width: int = 16, embed_dim: int = 64) -> nn.Module:
     return SmallConvNet(num_classes, width, embed_dim)
+
+
+def mlp_student(input_shape, num_classes: int, hidden: int = 32) -> nn.Module:
+    """``[b, *input_shape]`` → logits ``[b, num_classes]``: Flatten, Linear(prod(input_shape), hidden),
+    ReLU, Linear(hidden, num_classes) (layers ``0``..``3``; the same network as the ``mlp`` preset)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(int(d) for d in input_shape), hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))

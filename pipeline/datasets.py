@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import os
@@ -95,3 +96,35 @@ def fashion_mnist_shards(out_dir: Path, shard_size: int = 2000, progress: bool =
 
         result[split] = write_shards(samples(), Path(out_dir), split, shard_size, len(images), progress)
     return result
+
+
+MIXED_SIZES = (28, 32, 40)
+
+
+def write_png_folder(out: Path, images: np.ndarray, labels: np.ndarray, *, progress: bool = False) -> Path:
+    """Images as a flat folder of PNG files at mixed sizes and modes, + ``out/labels.csv``.
+
+    ``images [n, 28, 28] uint8``, ``labels [n]`` int. Image ``i`` is ``out/{i:05d}.png``, resized
+    (bilinear) to ``MIXED_SIZES[i % 3]`` px and saved as mode ``L`` or, for odd ``i // 3``,
+    ``RGB``; ``labels.csv`` (header ``file,label``) gives its label id as the teacher numbers
+    classes. The input of ``kdstore shards folder DIR OUT --labels DIR/labels.csv``
+    (tests/test_inputs_images.py, benchmarks/byo_images.py).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "labels.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "label"])
+        for i, (image, label) in enumerate(tqdm(zip(images, labels), total=len(images), unit="png", desc=out.name,
+                                                disable=not progress)):
+            img = Image.fromarray(image, mode="L")
+            size = MIXED_SIZES[i % 3]
+            if size != 28:
+                img = img.resize((size, size), Image.BILINEAR)
+            if (i // 3) % 2:
+                img = img.convert("RGB")
+            img.save(out / f"{i:05d}.png")
+            writer.writerow([f"{i:05d}.png", int(label)])
+    os.replace(tmp, out / "labels.csv")  # written last: a folder with labels.csv is complete
+    return out

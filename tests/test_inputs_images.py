@@ -1,13 +1,14 @@
 """Images of any size and mode through the CLI: a folder of Fashion-MNIST PNGs at 28, 32 and
 40 px, L and RGB → ``kdstore shards folder`` → ``kdstore precompute --transform
 'resize:28;mode:L'`` (the Fashion CNN teacher) → ``kdstore train`` replaying the recorded
-transform. With a few labels, the stored targets must beat the labels alone (3 seeds, each its
-own labelled subset). Sizes here are small; full-size numbers are in docs/TRAINING.md.
+transform, for the factory student ``configs/students.py:mlp_student`` (a file outside the
+package). With a few labels, the stored targets must beat the labels alone (3 seeds, each its
+own labelled subset). Sizes here are small; the full-size run is benchmarks/byo_images.py
+(docs/TRAINING.md).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import tomllib
 from pathlib import Path
@@ -16,33 +17,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from kdstore.cli.main import main
+from kdstore.pipeline.datasets import write_png_folder
 from kdstore.pipeline.transform import TRANSFORM_HINT, TransformSpec
 from kdstore.store.errors import InputError
 
-SIZES = (28, 32, 40)
 TRANSFORM = "resize:28;mode:L"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def write_png_folder(out: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """A flat folder ``out/NNNNN.png`` (sizes 28/32/40, modes L/RGB by index) + ``out/labels.csv``."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "labels.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["file", "label"])
-        for i, (image, label) in enumerate(zip(images, labels)):
-            img = Image.fromarray(image, mode="L")
-            size = SIZES[i % 3]
-            if size != 28:
-                img = img.resize((size, size), Image.BILINEAR)
-            if (i // 3) % 2:
-                img = img.convert("RGB")
-            img.save(out / f"{i:05d}.png")
-            writer.writerow([f"{i:05d}.png", int(label)])  # ids as the teacher numbers its classes
-    return out
 
 
 def invoke(args: list[str]) -> str:
@@ -83,8 +65,13 @@ def build_store(tmp: Path, *, train: int, test: int, teacher_steps: int, shard_s
     return store
 
 
+# The configs' student: a factory in a file outside the package (named absolutely: pytest's
+# working directory need not be the repository root).
+FACTORY = f"model.factory={CONFIGS / 'students.py'}:mlp_student"
+
+
 def train_arm(config: str, store: Path, out: Path, seed: int, extra: list[str] = ()) -> float:
-    sets = ["--store", store, "--set", f"data.labels_seed={seed}", *extra]
+    sets = ["--store", store, "--set", f"data.labels_seed={seed}", "--set", FACTORY, *extra]
     invoke(["train", CONFIGS / config, *sets, "--seed", seed, "--out", out, "--overwrite", "--no-progress"])
     return json.loads((out / "summary.json").read_text())["eval"]["accuracy"]
 
@@ -130,7 +117,7 @@ def test_mixed_sizes_recorded_transform_replayed_and_beats_labels_only(image_sto
     # Without a transform the mixed sizes cannot share a batch: one error naming --transform.
     cfg = tomllib.loads((CONFIGS / "images_few_labels_kd.toml").read_text())
     result = CliRunner().invoke(main, ["train", str(CONFIGS / "images_few_labels_kd.toml"), "--store",
-                                       str(image_store), "--set", "data.transform=none", "--no-progress",
+                                       str(image_store), "--set", "data.transform=none", "--set", FACTORY, "--no-progress",
                                        "--out", str(tmp_path / "none"), "--set", "train.steps=1"])
     assert result.exit_code != 0 and "--transform" in result.output and TRANSFORM_HINT[:40] in result.output
     assert cfg["data"]["labels"] == "per_class:100"
@@ -140,3 +127,11 @@ def test_mixed_sizes_recorded_transform_replayed_and_beats_labels_only(image_sto
     only = [train_arm("images_few_labels_only.toml", image_store, tmp_path / f"only{s}", s, small) for s in range(3)]
     print(f"kd {kd} only {only}")
     assert np.mean(kd) >= np.mean(only) + 0.04, (kd, only)
+    # Both arms trained the factory student, and the run records it so it can be rebuilt.
+    from kdstore.train import load_student
+
+    for arm in ("kd0", "only0"):
+        record = json.loads((tmp_path / arm / "student.json").read_text())
+        assert record["factory_file"] == str(CONFIGS / "students.py") and record["args"] == {"hidden": 32}
+    student = load_student(tmp_path / "kd0")
+    assert [type(m).__name__ for m in student] == ["Flatten", "Linear", "ReLU", "Linear"]
