@@ -27,6 +27,7 @@ from kdstore.store.schema import (
 from kdstore.train.config import parse_config
 from kdstore.train.lm_data import check_tokenizer, lm_batches, pack_batch
 from kdstore.train.lm_train import run_lm
+from kdstore.train.losses_tokens import taid_topk_kl
 from lm_fixture import build_lm, precompute
 
 T, K, S = 2.0, 6, 10
@@ -185,3 +186,57 @@ teacher = "gpt"
     with pytest.raises(InputError, match="arch"):
         run(mlp.replace(model=dataclasses.replace(mlp.model, arch="mlp")))
     shutil.rmtree(tmp_path / "cli")
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "student.safetensors"))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_gpt_loop_stops_and_resumes_to_identical_weights(lm_store, tmp_path):
+    """Warmup + cosine, TAID's schedule and a checkpoint every 3 steps: a run killed after step 5 and
+    resumed from its step-3 checkpoint ends with bit-identical weights, metrics and TAID lambda."""
+    store_path, _, _ = lm_store
+    loss = [{"kind": "token_ce", "weight": 0.5}, {"kind": "token_taid", "teacher": "gpt"}]
+
+    def cfg(out):
+        c = _config(store_path, out, loss, steps=0, epochs=2, checkpoint_every_steps=3)
+        return c.replace(optim=dataclasses.replace(c.optim, warmup_steps=2, schedule="cosine", lr=3e-3))
+
+    seen = {}
+    full = run_lm(cfg(tmp_path / "full"), on_step=lambda step, info: seen.setdefault(step, info))
+    assert full["steps"] == 2 * full["steps_per_epoch"] == 12  # 21 rows in batches of 4 (last one short)
+    # TAID through the trainer at step 0: lam = 0.4 (the schedule's start) on the stored top-k, by hand
+    plan = json.loads(next(store_path.parent.glob("shards/lm_plan.*.json")).read_text())
+    student = GPT(GPTConfig(vocab_size=plan["vocab_size"], context=plan["seq_len"], depth=1, width=16, heads=2, seed=11))
+    b = seen[0]["batch"]
+    with torch.no_grad():
+        hand = taid_topk_kl(student(b["ids"], b["doc"]), b[TOKENS_TOPK_LOGPROBS], b[TOKENS_TOPK_IDS],
+                            b[TOKENS_TOPK_RESIDUAL], 0.4, b["kd_mask"], temperature=T)
+    assert seen[0]["parts"]["loss/1.token_taid"] == pytest.approx(float(hand), rel=1e-5)
+    log = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lams, lrs = [x["taid/lambda"] for x in log], [x["lr"] for x in log]
+    assert lams[0] == 0.4 and all(b >= a for a, b in zip(lams, lams[1:])) and lams[-1] > 0.4
+    assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3) and lrs[-1] < 3e-4  # warmup, cosine
+
+    def stop(step, info):
+        if step == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_lm(cfg(tmp_path / "cut"), on_step=stop)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-000000003.pt"]
+    with pytest.raises(InputError, match="not empty"):
+        run_lm(cfg(tmp_path / "cut"))
+    resumed = run_lm(cfg(tmp_path / "cut"), resume=True)
+    assert resumed["steps"] == 12 and resumed["taid_lambda"] == full["taid_lambda"]
+    a, c = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert sorted(a) == sorted(c) and all(torch.equal(a[k], c[k]) for k in a)
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    with pytest.raises(InputError, match="other settings"):
+        run_lm(_config(store_path, tmp_path / "cut", loss, steps=0, epochs=3, checkpoint_every_steps=3), resume=True)

@@ -12,16 +12,19 @@ padding and ``<|endoftext|>`` out, nothing crosses a document).
 - ``token_sampled_kd``: RS-KD, :func:`~kdstore.train.losses_tokens.sampled_kl` on
   ``tokens:sample:S``, at the recorded temperature.
 
-TAID is **online only**: its target ``softmax((1 - λ)·student + λ·teacher)`` interpolates
-full-vocabulary logits, which neither stored form keeps (top-k drops the tail's shape, samples
-give counts, not logits); :func:`~kdstore.train.losses_tokens.taid_kl` needs the teacher's
-logits in the loop.
+- ``token_taid``: TAID from the store, ``field = "topk"`` (default) or ``"sample"``:
+  :func:`~kdstore.train.losses_tokens.taid_topk_kl` (the paper's log-space interpolation on
+  the K + 1 top-k buckets) or :func:`~kdstore.train.losses_tokens.taid_sampled_kl`
+  (probability mixture on the counts), at the recorded temperature, with ``lam`` from the
+  run's :class:`~kdstore.train.losses_tokens.TaidSchedule`, which the trainer keeps (and
+  checkpoints) and hands over as ``x.tg[TAID_LAMBDA]``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kdstore.store.errors import InputError
 from kdstore.store.schema import OutputSpec
 from kdstore.train import losses_tokens as LT
 from torch import Tensor
@@ -29,6 +32,10 @@ from torch import Tensor
 if TYPE_CHECKING:
     from kdstore.train.config import LossConfig
     from kdstore.train.objective import LossKind, TermInput
+
+
+TAID_LAMBDA = "taid/lambda"  # the batch entry (a [] tensor) holding the TAID schedule's current lam
+TAID_FIELDS = ("topk", "sample")
 
 
 def token_fields(op: str) -> tuple[str, ...]:
@@ -56,6 +63,30 @@ def _token_sampled_kd(term, x: "TermInput") -> Tensor:
     return LT.sampled_kl(x.out["logits"], x.tg[ids], x.tg[counts], x.mask, temperature=_t(term))
 
 
+def _taid_field(term: "LossConfig") -> str:
+    op = term.field or "topk"
+    if op not in TAID_FIELDS:
+        raise InputError(f"loss token_taid: field must be one of {TAID_FIELDS} (the stored form it reads), got {op!r}")
+    return op
+
+
+def _taid_fields(term: "LossConfig") -> tuple[str, ...]:
+    op = _taid_field(term)
+    return token_fields(op)[:3] if op == "topk" else token_fields(op)
+
+
+def _token_taid(term, x: "TermInput") -> Tensor:
+    if TAID_LAMBDA not in x.tg:
+        raise ValueError("loss token_taid needs the run's TAID lambda in the batch (kdstore.train.lm_train sets it)")
+    lam = float(x.tg[TAID_LAMBDA])
+    if _taid_field(term) == "topk":
+        logprobs, ids, residual, _lse = token_fields("topk")
+        return LT.taid_topk_kl(x.out["logits"], x.tg[logprobs], x.tg[ids], x.tg[residual], lam, x.mask,
+                               temperature=_t(term))
+    ids, counts = token_fields("sample")
+    return LT.taid_sampled_kl(x.out["logits"], x.tg[ids], x.tg[counts], lam, x.mask, temperature=_t(term))
+
+
 def token_kinds(loss_kind: type["LossKind"]) -> tuple["LossKind", ...]:
     """The token kinds as ``LossKind`` entries (built by ``objective`` to avoid an import cycle)."""
     return (
@@ -64,7 +95,9 @@ def token_kinds(loss_kind: type["LossKind"]) -> tuple["LossKind", ...]:
                   stored_temperature=True, settings=("temperature",)),
         loss_kind(name="token_sampled_kd", compute=_token_sampled_kd, fields=lambda t: token_fields("sample"),
                   stored_temperature=True, settings=("temperature",)),
+        loss_kind(name="token_taid", compute=_token_taid, fields=_taid_fields,
+                  stored_temperature=True, settings=("temperature", "field")),
     )
 
 
-TOKEN_KINDS = ("token_ce", "token_topk_kd", "token_sampled_kd")
+TOKEN_KINDS = ("token_ce", "token_topk_kd", "token_sampled_kd", "token_taid")
