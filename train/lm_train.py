@@ -5,11 +5,23 @@
 (``model.depth``, ``model.width``, ``model.heads``; vocabulary and context from the token
 shards' ``lm_plan``). Batches come from :func:`kdstore.train.lm_data.lm_batches` (one teacher
 for every KD term; the tokenizer is checked against it), the loss from the token kinds of
-:mod:`kdstore.train.objective_tokens` (temperatures resolved from the store). Single process,
-no checkpoints or resume (a plain loop: ``train.steps`` or ``train.epochs``).
+:mod:`kdstore.train.objective_tokens` (temperatures resolved from the store).
 
-Writes ``OUT/student.safetensors``, ``OUT/student.json`` (GPT config) and ``OUT/metrics.jsonl``;
-returns the summary (``steps``, last ``loss``, held-out ``eval`` on ``data.eval_shards``).
+What it shares with the main trainer (:mod:`kdstore.train.recipe`): the device, ``torchrun``
+and AMP decision (``Recipe._init_distributed``: CUDA autocast in bfloat16, or float16 with a
+grad scaler, and the same code path on CPU without it; gloo/nccl DDP under ``torchrun``, each
+rank taking every ``world``-th batch), the ``optim.schedule`` / ``optim.warmup_steps`` LR
+schedule, and :mod:`kdstore.train.checkpoint` (``out_dir`` rules, atomic
+``checkpoints/step-N.pt`` every ``train.checkpoint_every_steps`` holding model, optimizer,
+schedule, scaler, RNG and TAID state; ``--resume`` replays the epoch's batches to the saved
+step, so a resumed run ends with the same weights as an uninterrupted one). A ``token_taid``
+term gets its ``lam`` from one :class:`~kdstore.train.losses_tokens.TaidSchedule` per run,
+updated after each step with that term's value.
+
+Writes ``OUT/student.safetensors``, ``OUT/student.json`` (GPT config), ``OUT/config.json``,
+``OUT/metrics.jsonl`` (per step: loss parts, ``lr``, ``taid/lambda``) and ``OUT/summary.json``;
+returns the summary (``steps``, ``steps_per_epoch``, last ``loss``, held-out ``eval`` on
+``data.eval_shards``).
 """
 
 from __future__ import annotations
