@@ -233,8 +233,16 @@ def test_gpt_loop_stops_and_resumes_to_identical_weights(lm_store, tmp_path):
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-000000003.pt"]
     with pytest.raises(InputError, match="not empty"):
         run_lm(cfg(tmp_path / "cut"))
-    resumed = run_lm(cfg(tmp_path / "cut"), resume=True)
+    after = {}
+    resumed = run_lm(cfg(tmp_path / "cut"), resume=True, on_step=lambda step, info: after.setdefault(step, info))
     assert resumed["steps"] == 12 and resumed["taid_lambda"] == full["taid_lambda"]
+    # the resumed run reads the same rows and ragged fields at each step (batch 3 spans shards 0 and 1 of 7 rows)
+    assert sorted(after) == list(range(3, 12))
+    for step, info in after.items():
+        want = seen[step]["batch"]
+        assert sorted(info["batch"]) == sorted(want)
+        for name, value in want.items():
+            assert torch.equal(info["batch"][name], value), (step, name)
     a, c = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert sorted(a) == sorted(c) and all(torch.equal(a[k], c[k]) for k in a)
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
