@@ -248,3 +248,56 @@ def test_gpt_loop_stops_and_resumes_to_identical_weights(lm_store, tmp_path):
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
     with pytest.raises(InputError, match="other settings"):
         run_lm(_config(store_path, tmp_path / "cut", loss, steps=0, epochs=3, checkpoint_every_steps=3), resume=True)
+
+
+def _ddp_worker(rank: int, world: int, port: int, store_path: str, out: str, result: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    cfg = _config(Path(store_path), Path(out), [{"kind": "token_topk_kd", "teacher": "gpt"}], steps=0, epochs=1,
+                  device="cpu")
+    seen = {}
+
+    def keep(step, info):
+        seen[step] = (info["batch"]["ids"].clone(), {k: v.detach().clone() for k, v in info["model"].state_dict().items()})
+
+    summary = run_lm(cfg, on_step=keep)
+    torch.save({"summary_steps": summary["steps"], "world": summary["world_size"],
+                "ids": [seen[s][0] for s in sorted(seen)], "weights": seen[max(seen)][1]}, result)
+
+
+def test_gpt_loop_under_ddp_two_cpu_ranks(lm_store, tmp_path):
+    """torchrun-style env, gloo: each rank takes every other batch, and the replicas stay identical."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    store_path, _, _ = lm_store
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(store_path), str(tmp_path / "ddp"), results[r]))
+             for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=600)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    got = [torch.load(r, weights_only=True) for r in results]
+    # 21 rows in batches of 4 = 6 global batches (the last one short) = 3 per rank
+    assert [g["summary_steps"] for g in got] == [3, 3] and [g["world"] for g in got] == [2, 2]
+    store = open_store(store_path)
+    eos = check_tokenizer(store, None)["eos_id"]
+    order = list(lm_batches(store, None, (), batch_size=4, eos_id=eos, epoch=0, seed=11,
+                            shards=store.select_shards(["0..2"])))
+    for rank, g in enumerate(got):
+        for local, ids in enumerate(g["ids"]):
+            assert torch.equal(ids, order[2 * local + rank]["ids"])
+    assert all(torch.equal(got[0]["weights"][k], got[1]["weights"][k]) for k in got[0]["weights"])
+    assert (tmp_path / "ddp" / "student.safetensors").is_file()

@@ -267,7 +267,7 @@ def _train(cfg, rt, teacher, taid_terms, resume, overwrite, on_step, online_term
                     log is not None and log.flush()
                     checkpoint()
                 if on_step is not None:
-                    on_step(step - 1, {"loss": loss.detach(), "parts": parts, "batch": batch})
+                    on_step(step - 1, {"loss": loss.detach(), "parts": parts, "batch": batch, "model": model})
                 if step >= total:
                     break
     finally:
