@@ -2,8 +2,9 @@
 
 End to end through the CLI pieces: a GPT teacher (``kdstore lm-teacher``, or ``--teacher-dir``
 for one trained before), train and held-out token shards (``kdstore lm-shards``), one
-precompute storing ``tokens:topk:32`` + ``tokens:sample:12`` (teacher ``gpt``) and one storing
-``tokens:topk:8`` (teacher ``gpt8``) over both splits, then per seed one GPT student per
+precompute storing ``tokens:topk:32`` + ``tokens:sample:12`` (teacher ``gpt``) over both splits (``topk8`` reads
+the first 8 of the stored 32, ``token_topk_kd`` ``top_k = 8``; ``--topk8-precompute`` stores
+``tokens:topk:8`` with a second precompute, teacher ``gpt8``, instead), then per seed one GPT student per
 variant through :func:`kdstore.train.lm_train.run_lm` (the loop ``kdstore train`` runs), all
 with the same optimiser steps, batches (train shards in the same seeded order) and warmup +
 cosine schedule:
@@ -46,7 +47,7 @@ from kdstore.train.lm_data import token_plan
 from kdstore.train.lm_train import evaluate_lm, run_lm
 
 STORE_VARIANTS = {
-    "topk8": {"kind": "token_topk_kd", "teacher": "gpt8"},
+    "topk8": {"kind": "token_topk_kd", "teacher": "gpt", "top_k": 8},
     "topk32": {"kind": "token_topk_kd", "teacher": "gpt"},
     "rskd12": {"kind": "token_sampled_kd", "teacher": "gpt"},
     "taid": {"kind": "token_taid", "teacher": "gpt", "field": "topk"},
@@ -90,7 +91,10 @@ def _run(name: str, args, store_path: Path, seed: int, steps_per_epoch: int, tea
                 t_logits = teacher(batch["ids"], batch["doc"])
             return LT.forward_kl(logits, t_logits, batch["kd_mask"])
     else:
-        loss = [{"kind": "token_ce", "weight": args.ce_weight}, STORE_VARIANTS[name]]
+        term = dict(STORE_VARIANTS[name])
+        if name == "topk8" and args.topk8_precompute:
+            term = {"kind": "token_topk_kd", "teacher": "gpt8"}
+        loss = [{"kind": "token_ce", "weight": args.ce_weight}, term]
     s = run_lm(_config(args, store_path, out, loss, seed, steps_per_epoch), overwrite=True, online_term=online)
     return {"seconds": s["seconds"], "steps": s["steps"], "epochs": s["epochs"], **s["eval"],
             **({"taid_lambda_end": s["taid_lambda"]} if name == "taid" else {})}
@@ -124,6 +128,8 @@ def main_(argv=None) -> dict:
     p.add_argument("--ce-weight", type=float, default=0.5)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--topk8-precompute", action="store_true",
+                   help="store tokens:topk:8 with a second precompute (teacher gpt8) instead of cutting topk:32 to 8")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a check that it runs, not a measurement)")
     p.add_argument("--result", type=Path, default=Path(__file__).parent / "results" / "lm.json")
     args = p.parse_args(argv)
@@ -149,7 +155,8 @@ def main_(argv=None) -> dict:
     t0 = time.perf_counter()
     _cli("precompute", *common, "--teacher-name", "gpt", "--output", "tokens:topk:32", "--output", "tokens:sample:12")
     t1 = time.perf_counter()
-    _cli("precompute", *common, "--teacher-name", "gpt8", "--output", "tokens:topk:8")
+    if args.topk8_precompute:
+        _cli("precompute", *common, "--teacher-name", "gpt8", "--output", "tokens:topk:8")
     t2 = time.perf_counter()
     store = open_store(store_path)
     per_field = {t["name"]: {f["field"]: {"on_disk": round(f["bytes_per_token"], 2), "uncompressed": f["raw_bytes_per_token"]}
@@ -157,6 +164,11 @@ def main_(argv=None) -> dict:
                  for t in summarize(store)["teachers"]}
     settings = {}
     for name, (tname, prefix) in SETTING_FIELDS.items():
+        if name == "topk8" and not args.topk8_precompute:  # cut from topk:32: float16 + uint16 per id, residual, lse
+            settings[name] = {"on_disk": None, "uncompressed": 8 * 2 + 8 * 2 + 4 + 4, "on_disk_without_lse": None,
+                              "note": "read as the first 8 of the stored topk:32 (token_topk_kd top_k = 8); "
+                                      "bytes are those a tokens:topk:8 store holds uncompressed; on disk not measured"}
+            continue
         fs = {k: v for k, v in per_field[tname].items() if k.startswith(prefix)}
         settings[name] = {"on_disk": round(sum(v["on_disk"] for v in fs.values()), 2),
                           "uncompressed": sum(v["uncompressed"] for v in fs.values()),
@@ -212,7 +224,7 @@ def main_(argv=None) -> dict:
         "data": {"train_rows": sum(s.num_rows for s in store.select_shards(["train-"])),
                  "heldout_rows": sum(s.num_rows for s in held), "heldout_tokens_scored": teacher_eval["tokens"],
                  "seq_len": plan["seq_len"], "steps": sorted(steps)},
-        "precompute_seconds": {"topk32+sample12": round(t1 - t0, 1), "topk8": round(t2 - t1, 1)},
+        "precompute_seconds": {"topk32+sample12": round(t1 - t0, 1), "topk8": round(t2 - t1, 1) if args.topk8_precompute else None},
         "bytes_per_token_fields": per_field, "bytes_per_token_settings": settings,
         "variants": table, "runs": runs,
         "store_over_online_time": {n: {"per_seed": [round(x, 3) for x in v], **_stats(v)} for n, v in ratios.items()},
@@ -241,8 +253,9 @@ def _print(report: dict) -> None:
     print(f"\n{'variant':10s} {'held-out CE':>16s} {'acc':>14s} {'ECE':>14s} {'train s':>9s} {'B/tok disk':>10s} {'B/tok raw':>9s}")
     for name, row in report["variants"].items():
         f = lambda m, d=4: f"{row[m]['mean']:.{d}f}±{row[m]['sd']:.{d}f}"
+        disk = b[name]["on_disk"] if name in b and b[name]["on_disk"] is not None else "-"
         print(f"{name:10s} {f('ce'):>16s} {f('acc'):>14s} {f('ece'):>14s} {row['seconds']['mean']:9.0f} "
-              f"{b[name]['on_disk'] if name in b else '-':>10} {b[name]['uncompressed'] if name in b else '-':>9}")
+              f"{disk:>10} {b[name]['uncompressed'] if name in b else '-':>9}")
     print("\nstore / online epoch time:", {n: f"{v['mean']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
                                           for n, v in report["store_over_online_time"].items()})
     print("acceptance:", json.dumps(report["acceptance"], indent=1))

@@ -249,3 +249,17 @@ def test_taid_schedule():
     other = TaidSchedule(100)
     other.load_state_dict(state)
     assert other.state_dict() == state
+
+
+def test_first_k_of_a_stored_topk_equals_a_smaller_topk():
+    """token_topk_kd top_k = 8 on a stored topk:32 reads what a stored topk:8 holds (residual included)."""
+    from kdstore.train.objective_tokens import first_k
+
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(2)) * 2
+    big, small = topk_tokens(x, 32, temperature=1.5), topk_tokens(x, 8, temperature=1.5)
+    lp, ids, r = first_k(torch.from_numpy(big["logprobs"]), torch.from_numpy(big["ids"].astype(np.int64)),
+                         torch.from_numpy(big["residual"]), 8)
+    np.testing.assert_array_equal(lp.numpy(), small["logprobs"])
+    np.testing.assert_array_equal(ids.numpy(), small["ids"].astype(np.int64))
+    np.testing.assert_allclose(r.numpy(), small["residual"], atol=2e-3)
+    assert first_k(lp, ids, r, 0)[2] is r and first_k(lp, ids, r, 9)[0] is lp

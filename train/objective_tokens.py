@@ -8,7 +8,8 @@ padding and ``<|endoftext|>`` out, nothing crosses a document).
 
 - ``token_ce``: next-token cross-entropy on the token shards (no teacher).
 - ``token_topk_kd``: :func:`~kdstore.train.losses_tokens.topk_kl` on ``tokens:topk:K``
-  (K + 1 buckets, the residual is the tail bucket), at the recorded temperature.
+  (K + 1 buckets, the residual is the tail bucket), at the recorded temperature; ``top_k = k``
+  uses only the first k stored (:func:`first_k`: one ``topk:32`` store serves k <= 32).
 - ``token_sampled_kd``: RS-KD, :func:`~kdstore.train.losses_tokens.sampled_kl` on
   ``tokens:sample:S``, at the recorded temperature.
 
@@ -53,9 +54,23 @@ def _token_ce(term, x: "TermInput") -> Tensor:
     return LT.next_token_ce(x.out["logits"], x.tg["targets"], x.tg["ce_mask"])
 
 
+def first_k(logprobs: Tensor, ids: Tensor, residual: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The stored top-K cut to its first ``k`` (descending) entries; the dropped mass joins the residual.
+
+    ``logprobs``/``ids`` ``[..., K]``, ``residual`` ``[...]`` → ``[..., k]``, ``[..., k]``, ``[...]``.
+    ``k = 0`` or ``k >= K`` keeps all. The same as storing ``topk:k`` up to float16 rounding of
+    the dropped log-probs.
+    """
+    if not k or k >= logprobs.shape[-1]:
+        return logprobs, ids, residual
+    dropped = logprobs[..., k:].float().exp().sum(-1)
+    return logprobs[..., :k], ids[..., :k], residual.float() + dropped
+
+
 def _token_topk_kd(term, x: "TermInput") -> Tensor:
     logprobs, ids, residual, _lse = token_fields("topk")
-    return LT.topk_kl(x.out["logits"], x.tg[logprobs], x.tg[ids], x.tg[residual], x.mask, temperature=_t(term))
+    lp, i, r = first_k(x.tg[logprobs], x.tg[ids], x.tg[residual], term.top_k)
+    return LT.topk_kl(x.out["logits"], lp, i, r, x.mask, temperature=_t(term))
 
 
 def _token_sampled_kd(term, x: "TermInput") -> Tensor:
@@ -92,7 +107,7 @@ def token_kinds(loss_kind: type["LossKind"]) -> tuple["LossKind", ...]:
     return (
         loss_kind(name="token_ce", compute=_token_ce, teachers="none"),
         loss_kind(name="token_topk_kd", compute=_token_topk_kd, fields=lambda t: token_fields("topk")[:3],
-                  stored_temperature=True, settings=("temperature",)),
+                  stored_temperature=True, settings=("temperature", "top_k")),
         loss_kind(name="token_sampled_kd", compute=_token_sampled_kd, fields=lambda t: token_fields("sample"),
                   stored_temperature=True, settings=("temperature",)),
         loss_kind(name="token_taid", compute=_token_taid, fields=_taid_fields,
