@@ -130,9 +130,14 @@ def main_(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--topk8-precompute", action="store_true",
                    help="store tokens:topk:8 with a second precompute (teacher gpt8) instead of cutting topk:32 to 8")
+    p.add_argument("--reuse-store", action="store_true", help="skip lm-shards / precompute: the store in --out exists")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="only merge per-seed result files (runs of this script with one --seeds each) into --result")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a check that it runs, not a measurement)")
     p.add_argument("--result", type=Path, default=Path(__file__).parent / "results" / "lm.json")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.result)
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     out = args.out
@@ -144,7 +149,7 @@ def main_(argv=None) -> dict:
              "--batch-size", str(args.teacher_batch), "--vocab-size", str(args.vocab_size),
              *(["--limit", str(args.train_docs)] if args.smoke else []))
     shards = out / "shards"
-    for split, limit in (("train", args.train_docs), ("heldout", args.heldout_docs)):
+    for split, limit in (("train", args.train_docs), ("heldout", args.heldout_docs)) if not args.reuse_store else ():
         _cli("lm-shards", str(shards), "--tokenizer", str(teacher_dir / "tokenizer.json"), "--seq-len",
              str(args.seq_len), "--split", split, "--limit", str(limit), "--samples-per-shard", str(args.samples_per_shard))
     tars = sorted(shards.glob("*.tar"))
@@ -153,9 +158,10 @@ def main_(argv=None) -> dict:
               f"path={teacher_dir}", "--temperature", "1", "--seed", "0", "--batch-size", "32", "--workers", "1",
               "--no-progress", *[a for t in tars for a in ("--inputs", str(t))]]
     t0 = time.perf_counter()
-    _cli("precompute", *common, "--teacher-name", "gpt", "--output", "tokens:topk:32", "--output", "tokens:sample:12")
+    if not args.reuse_store:
+        _cli("precompute", *common, "--teacher-name", "gpt", "--output", "tokens:topk:32", "--output", "tokens:sample:12")
     t1 = time.perf_counter()
-    if args.topk8_precompute:
+    if args.topk8_precompute and not args.reuse_store:
         _cli("precompute", *common, "--teacher-name", "gpt8", "--output", "tokens:topk:8")
     t2 = time.perf_counter()
     store = open_store(store_path)
@@ -184,31 +190,13 @@ def main_(argv=None) -> dict:
     steps_per_epoch = _steps_per_epoch(args, store_path)  # the same for every variant (all rows valid)
     runs: dict[str, list[dict]] = {name: [] for name in ORDER}
     for i, seed in enumerate(seeds):
-        order = ORDER if i % 2 == 0 else ORDER[::-1]  # alternate sides: time drift hits both
+        order = ORDER if seed % 2 == 0 else ORDER[::-1]  # alternate sides from seed to seed: time drift hits both
         for name in order:
             r = _run(name, args, store_path, seed, steps_per_epoch, teacher)
             r["seed"] = seed
             runs[name].append(r)
             print(f"seed {seed} {name:10s} ce {r['ce']:.4f} acc {r['acc']:.4f} ece {r['ece']:.4f} "
                   f"{r['steps']} steps {r['seconds']:.0f}s", flush=True)
-    steps = {r["steps"] for rs in runs.values() for r in rs}
-    table = {name: {m: _stats([r[m] for r in rs]) for m in ("ce", "acc", "ece", "seconds")} for name, rs in runs.items()}
-    ratios = {name: [s["seconds"] / o["seconds"] for s, o in zip(runs[name], runs["online_kd"])]
-              for name in STORE_VARIANTS}
-    online_ce = table["online_kd"]["ce"]["mean"]
-    store_best = min(STORE_VARIANTS, key=lambda n: table[n]["ce"]["mean"])
-    within = {n: (table[n]["ce"]["mean"] - online_ce) / online_ce for n in STORE_VARIANTS}
-    bar = {n: within[n] <= 0.01 and table[n]["ce"]["mean"] < table["ce"]["ce"]["mean"] for n in STORE_VARIANTS}
-    acceptance = {
-        "best_store_setting": store_best,
-        "best_store_within_1pct_of_online_ce": within[store_best] <= 0.01,
-        "best_store_better_than_ce_only": table[store_best]["ce"]["mean"] < table["ce"]["ce"]["mean"],
-        "rskd_ece_no_worse_than_topk": {k: table["rskd12"]["ece"]["mean"] <= table[k]["ece"]["mean"]
-                                        for k in ("topk8", "topk32")},
-        "settings_meeting_bar_at_most_64_bytes_per_token": sorted(
-            n for n in STORE_VARIANTS if bar[n] and settings[n]["uncompressed"] <= 64),
-        "relative_ce_gap_to_online": {n: round(v, 5) for n, v in within.items()},
-    }
     load = os.getloadavg()
     report = {
         "size": "smoke (not a measurement)" if args.smoke else "real (CPU, shared machine)",
@@ -223,15 +211,56 @@ def main_(argv=None) -> dict:
                                                 heads=args.student_heads)).num_parameters()},
         "data": {"train_rows": sum(s.num_rows for s in store.select_shards(["train-"])),
                  "heldout_rows": sum(s.num_rows for s in held), "heldout_tokens_scored": teacher_eval["tokens"],
-                 "seq_len": plan["seq_len"], "steps": sorted(steps)},
-        "precompute_seconds": {"topk32+sample12": round(t1 - t0, 1), "topk8": round(t2 - t1, 1) if args.topk8_precompute else None},
+                 "seq_len": plan["seq_len"]},
+        "precompute_seconds": None if args.reuse_store else {
+            "topk32+sample12": round(t1 - t0, 1), "topk8": round(t2 - t1, 1) if args.topk8_precompute else None},
         "bytes_per_token_fields": per_field, "bytes_per_token_settings": settings,
-        "variants": table, "runs": runs,
-        "store_over_online_time": {n: {"per_seed": [round(x, 3) for x in v], **_stats(v)} for n, v in ratios.items()},
-        "acceptance": acceptance, "total_seconds": round(time.perf_counter() - t_start, 1),
+        "runs": runs, "total_seconds": round(time.perf_counter() - t_start, 1),
     }
+    _derive(report)
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(report, indent=1))
+    _print(report)
+    return report
+
+
+def _derive(report: dict) -> None:
+    """Add the per-variant table, store/online time ratios and the acceptance checks from ``report["runs"]``."""
+    runs, settings = report["runs"], report["bytes_per_token_settings"]
+    table = {name: {m: _stats([r[m] for r in rs]) for m in ("ce", "acc", "ece", "seconds")} for name, rs in runs.items()}
+    ratios = {name: [s["seconds"] / o["seconds"] for s, o in zip(runs[name], runs["online_kd"])] for name in STORE_VARIANTS}
+    online_ce = table["online_kd"]["ce"]["mean"]
+    store_best = min(STORE_VARIANTS, key=lambda n: table[n]["ce"]["mean"])
+    within = {n: (table[n]["ce"]["mean"] - online_ce) / online_ce for n in STORE_VARIANTS}
+    bar = {n: within[n] <= 0.01 and table[n]["ce"]["mean"] < table["ce"]["ce"]["mean"] for n in STORE_VARIANTS}
+    report["seeds"] = sorted({r["seed"] for rs in runs.values() for r in rs})
+    report["steps"] = sorted({r["steps"] for rs in runs.values() for r in rs})
+    report["variants"] = table
+    report["store_over_online_time"] = {n: {"per_seed": [round(x, 3) for x in v], **_stats(v)} for n, v in ratios.items()}
+    report["acceptance"] = {
+        "best_store_setting": store_best,
+        "best_store_within_1pct_of_online_ce": within[store_best] <= 0.01,
+        "best_store_better_than_ce_only": table[store_best]["ce"]["mean"] < table["ce"]["ce"]["mean"],
+        "rskd_ece_no_worse_than_topk": {k: table["rskd12"]["ece"]["mean"] <= table[k]["ece"]["mean"]
+                                        for k in ("topk8", "topk32")},
+        "settings_meeting_bar_at_most_64_bytes_per_token": sorted(
+            n for n in STORE_VARIANTS if bar[n] and settings[n]["uncompressed"] <= 64),
+        "relative_ce_gap_to_online": {n: round(v, 5) for n, v in within.items()},
+    }
+
+
+def merge(paths: list[Path], result: Path) -> dict:
+    """One report from per-seed reports of the same store and settings (seeds run as separate processes)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    report = dict(parts[0])
+    report["runs"] = {name: [r for part in parts for r in part["runs"][name]] for name in ORDER}
+    report["loadavg_end"] = [part["loadavg_end"] for part in parts]
+    report["total_seconds"] = [part["total_seconds"] for part in parts]
+    report["merged_from"] = [str(p) for p in paths]
+    report["args"] = {**report["args"], "seeds": ",".join(str(r["seed"]) for r in report["runs"]["ce"])}
+    _derive(report)
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps(report, indent=1))
     _print(report)
     return report
 
