@@ -1,31 +1,36 @@
-"""LM distillation from stored per-token targets vs CE only vs online KD (GPT student).
+"""LM distillation from stored per-token targets vs CE only vs online full-vocabulary KD (GPT students).
 
-One run, end to end through the CLI pieces: a GPT teacher (``kdstore lm-teacher``), train and
-held-out token shards in one folder (``kdstore lm-shards``), one precompute storing
-``tokens:topk:8``, ``tokens:topk:32`` and ``tokens:sample:12`` over both splits, then one GPT
-student per variant, same seed, same batches (train shards in the same seeded order), same
-number of epochs:
+End to end through the CLI pieces: a GPT teacher (``kdstore lm-teacher``, or ``--teacher-dir``
+for one trained before), train and held-out token shards (``kdstore lm-shards``), one
+precompute storing ``tokens:topk:32`` + ``tokens:sample:12`` (teacher ``gpt``) over both splits (``topk8`` reads
+the first 8 of the stored 32, ``token_topk_kd`` ``top_k = 8``; ``--topk8-precompute`` stores
+``tokens:topk:8`` with a second precompute, teacher ``gpt8``, instead), then per seed one GPT student per
+variant through :func:`kdstore.train.lm_train.run_lm` (the loop ``kdstore train`` runs), all
+with the same optimiser steps, batches (train shards in the same seeded order) and warmup +
+cosine schedule:
 
 - ``ce``: next-token CE only;
-- ``topk8`` / ``topk32``: top-k KD with the residual as a tail bucket (+ CE, weight ``--ce-weight``);
-- ``rskd12``: RS-KD with 12 draws (+ CE);
-- ``online_kd``: full-vocabulary forward KL, the teacher running in the loop (+ CE);
-- ``taid``: TAID (online only: the teacher in the loop, adaptive lambda) (+ CE).
+- ``topk8`` / ``topk32``: top-k KD, residual as a tail bucket (+ CE, weight ``--ce-weight``);
+- ``rskd12``: RS-KD, 12 draws (+ CE);
+- ``taid``: TAID from the store (``token_taid`` on ``tokens:topk:32``, adaptive lambda) (+ CE);
+- ``online_kd``: full-vocabulary forward KL with the teacher in the loop (+ CE).
 
-Reported per variant: held-out next-token CE (nats), accuracy, ECE (15 bins), training
-seconds; and for the stored fields bytes/token on disk (``kdstore info``). ``online / store``
-is the training-time ratio of ``online_kd`` to ``topk32``. Single runs, one seed: small
-differences are noise at the tiny default size.
+Reported per variant (mean and spread over seeds): held-out next-token CE (nats), accuracy,
+ECE (15 bins of top-1 confidence), training seconds; the teacher's own figures on the same
+held-out tokens; bytes/token per stored field (on disk = compressed Zarr chunks, and
+uncompressed); epoch time store / online per seed (the variants run in alternating order
+from seed to seed). Writes ``--result`` (benchmarks/results/lm.json).
 
-    python benchmarks/lm.py --out /tmp/lmbench [--teacher-steps 120] [--epochs 2]
-Writes benchmarks/results/lm.json.
+    python benchmarks/lm.py --out /tmp/lmbench --teacher-dir DIR [--train-docs 900] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -38,15 +43,19 @@ from kdstore.store import open_store
 from kdstore.store.verify import summarize
 from kdstore.train import losses_tokens as LT
 from kdstore.train.config import parse_config
-from kdstore.train.lm_data import lm_batches, token_plan
+from kdstore.train.lm_data import token_plan
 from kdstore.train.lm_train import evaluate_lm, run_lm
 
-VARIANTS = {
-    "ce": [],
-    "topk8": [{"kind": "token_topk_kd", "teacher": "gpt8"}],
-    "topk32": [{"kind": "token_topk_kd", "teacher": "gpt"}],
-    "rskd12": [{"kind": "token_sampled_kd", "teacher": "gpt"}],
+STORE_VARIANTS = {
+    "topk8": {"kind": "token_topk_kd", "teacher": "gpt", "top_k": 8},
+    "topk32": {"kind": "token_topk_kd", "teacher": "gpt"},
+    "rskd12": {"kind": "token_sampled_kd", "teacher": "gpt"},
+    "taid": {"kind": "token_taid", "teacher": "gpt", "field": "topk"},
 }
+ORDER = ["ce", "topk8", "topk32", "rskd12", "taid", "online_kd"]
+# the stored fields each store variant needs (bytes/token of the setting = their sum, lse included)
+SETTING_FIELDS = {"topk8": ("gpt8", "tokens/topk/"), "topk32": ("gpt", "tokens/topk/"),
+                  "rskd12": ("gpt", "tokens/sample/"), "taid": ("gpt", "tokens/topk/")}
 
 
 def _cli(*args: str) -> str:
@@ -56,109 +65,229 @@ def _cli(*args: str) -> str:
     return result.output
 
 
-def _online(store, teacher_dir: Path, kind: str, args, student_cfg: GPTConfig, eos: int) -> dict:
-    """The teacher in the loop: full-vocabulary forward KL or TAID, + CE; same batches as the stored variants."""
-    teacher, _, _ = load_lm(teacher_dir, device="cpu")
-    student = GPT(student_cfg)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = LT.TaidSchedule(total_steps=args.max_steps) if kind == "taid" else None
-    train = store.select_shards(["train-"])
-    t0, step = time.perf_counter(), 0
-    for epoch in range(args.epochs):
-        for batch in lm_batches(store, None, (), batch_size=args.batch_size, eos_id=eos, epoch=epoch, seed=0, shards=train):
+def _config(args, store_path: Path, out: Path, loss: list[dict], seed: int, steps_per_epoch: int) -> object:
+    warmup = max(1, round(args.warmup_frac * steps_per_epoch * args.epochs))
+    return parse_config({
+        "data": {"store": str(store_path), "train_shards": ["train-"], "eval_shards": ["heldout-"],
+                 "batch_size": args.batch_size},
+        "model": {"arch": "gpt", "depth": args.student_depth, "width": args.student_width, "heads": args.student_heads},
+        "optim": {"lr": args.lr, "weight_decay": 0.0, "schedule": "cosine", "warmup_steps": warmup, "grad_clip": 1.0},
+        "train": {"out_dir": str(out), "epochs": args.epochs, "seed": seed, "threads": args.threads,
+                  "checkpoint_every_steps": 0, "progress": False},
+        "loss": loss,
+    })
+
+
+def _run(name: str, args, store_path: Path, seed: int, steps_per_epoch: int, teacher) -> dict:
+    out = args.out / "runs" / f"{name}-s{seed}"
+    online = None
+    if name == "ce":
+        loss = [{"kind": "token_ce"}]
+    elif name == "online_kd":
+        loss = [{"kind": "token_ce", "weight": args.ce_weight}]
+
+        def online(logits, batch):
             with torch.no_grad():
                 t_logits = teacher(batch["ids"], batch["doc"])
-            logits = student(batch["ids"], batch["doc"])
-            ce = LT.next_token_ce(logits, batch["targets"], batch["ce_mask"])
-            if schedule is None:
-                kd = LT.forward_kl(logits, t_logits, batch["kd_mask"])
-            else:
-                kd = LT.taid_kl(logits, t_logits, schedule.lam, batch["kd_mask"])
-            loss = args.ce_weight * ce + kd
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if schedule is not None:
-                schedule.update(kd.detach(), step)
-            step += 1
-    seconds = time.perf_counter() - t0
-    return {"seconds": round(seconds, 2), "steps": step,
-            **evaluate_lm(student, store, store.select_shards(["heldout-"]), eos_id=eos)}
+            return LT.forward_kl(logits, t_logits, batch["kd_mask"])
+    else:
+        term = dict(STORE_VARIANTS[name])
+        if name == "topk8" and args.topk8_precompute:
+            term = {"kind": "token_topk_kd", "teacher": "gpt8"}
+        loss = [{"kind": "token_ce", "weight": args.ce_weight}, term]
+    s = run_lm(_config(args, store_path, out, loss, seed, steps_per_epoch), overwrite=True, online_term=online)
+    return {"seconds": s["seconds"], "steps": s["steps"], "epochs": s["epochs"], **s["eval"],
+            **({"taid_lambda_end": s["taid_lambda"]} if name == "taid" else {})}
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
 
 
 def main_(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--teacher-steps", type=int, default=120)
-    p.add_argument("--teacher-width", type=int, default=64)
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--train-docs", type=int, default=300)
-    p.add_argument("--heldout-docs", type=int, default=60)
-    p.add_argument("--student-width", type=int, default=32)
+    p.add_argument("--teacher-dir", type=Path, default=None, help="a `kdstore lm-teacher` folder (else one is trained)")
+    p.add_argument("--teacher-steps", type=int, default=1200)
+    p.add_argument("--teacher-depth", type=int, default=2)
+    p.add_argument("--teacher-width", type=int, default=128)
+    p.add_argument("--teacher-batch", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--train-docs", type=int, default=900, help="first N training documents for the students")
+    p.add_argument("--heldout-docs", type=int, default=150)
+    p.add_argument("--samples-per-shard", type=int, default=500)
+    p.add_argument("--student-depth", type=int, default=1)
+    p.add_argument("--student-width", type=int, default=64)
+    p.add_argument("--student-heads", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-frac", type=float, default=0.05)
     p.add_argument("--ce-weight", type=float, default=0.5)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--topk8-precompute", action="store_true",
+                   help="store tokens:topk:8 with a second precompute (teacher gpt8) instead of cutting topk:32 to 8")
+    p.add_argument("--reuse-store", action="store_true", help="skip lm-shards / precompute: the store in --out exists")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="only merge per-seed result files (runs of this script with one --seeds each) into --result")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (a check that it runs, not a measurement)")
     p.add_argument("--result", type=Path, default=Path(__file__).parent / "results" / "lm.json")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.result)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    torch.set_num_threads(args.threads)
     out = args.out
-    teacher_dir, shards = out / "teacher", out / "shards"
-    _cli("lm-teacher", str(teacher_dir), "--steps", str(args.teacher_steps), "--context", str(args.seq_len),
-         "--depth", "2", "--width", str(args.teacher_width), "--heads", "4", "--vocab-size", str(args.vocab_size),
-         "--limit", str(args.train_docs))
-    for split, limit in (("train", args.train_docs), ("heldout", args.heldout_docs)):
+    t_start = time.perf_counter()
+    teacher_dir = args.teacher_dir or out / "teacher"
+    if args.teacher_dir is None:
+        _cli("lm-teacher", str(teacher_dir), "--steps", str(args.teacher_steps), "--context", str(args.seq_len),
+             "--depth", str(args.teacher_depth), "--width", str(args.teacher_width), "--heads", "4",
+             "--batch-size", str(args.teacher_batch), "--vocab-size", str(args.vocab_size),
+             *(["--limit", str(args.train_docs)] if args.smoke else []))
+    shards = out / "shards"
+    for split, limit in (("train", args.train_docs), ("heldout", args.heldout_docs)) if not args.reuse_store else ():
         _cli("lm-shards", str(shards), "--tokenizer", str(teacher_dir / "tokenizer.json"), "--seq-len",
-             str(args.seq_len), "--split", split, "--limit", str(limit), "--samples-per-shard", "200")
+             str(args.seq_len), "--split", split, "--limit", str(limit), "--samples-per-shard", str(args.samples_per_shard))
     tars = sorted(shards.glob("*.tar"))
     store_path = out / "store"
     common = ["--store", str(store_path), "--teacher", "kdstore.pipeline.lm_teacher:gpt", "--teacher-arg",
-              f"path={teacher_dir}", "--batch-size", "32", "--workers", "1", "--no-progress",
-              *[a for t in tars for a in ("--inputs", str(t))]]
+              f"path={teacher_dir}", "--temperature", "1", "--seed", "0", "--batch-size", "32", "--workers", "1",
+              "--no-progress", *[a for t in tars for a in ("--inputs", str(t))]]
     t0 = time.perf_counter()
-    _cli("precompute", *common, "--teacher-name", "gpt", "--output", "tokens:topk:32", "--output", "tokens:sample:12")
-    precompute_s = time.perf_counter() - t0
-    _cli("precompute", *common, "--teacher-name", "gpt8", "--output", "tokens:topk:8")
+    if not args.reuse_store:
+        _cli("precompute", *common, "--teacher-name", "gpt", "--output", "tokens:topk:32", "--output", "tokens:sample:12")
+    t1 = time.perf_counter()
+    if args.topk8_precompute and not args.reuse_store:
+        _cli("precompute", *common, "--teacher-name", "gpt8", "--output", "tokens:topk:8")
+    t2 = time.perf_counter()
     store = open_store(store_path)
-    per_token = {t["name"]: {f["field"]: round(f["bytes_per_token"], 2) for f in t["fields"] if f.get("ragged")}
+    per_field = {t["name"]: {f["field"]: {"on_disk": round(f["bytes_per_token"], 2), "uncompressed": f["raw_bytes_per_token"]}
+                             for f in t["fields"] if f.get("ragged")}
                  for t in summarize(store)["teachers"]}
+    settings = {}
+    for name, (tname, prefix) in SETTING_FIELDS.items():
+        if name == "topk8" and not args.topk8_precompute:  # cut from topk:32: float16 + uint16 per id, residual, lse
+            settings[name] = {"on_disk": None, "uncompressed": 8 * 2 + 8 * 2 + 4 + 4, "on_disk_without_lse": None,
+                              "note": "read as the first 8 of the stored topk:32 (token_topk_kd top_k = 8); "
+                                      "bytes are those a tokens:topk:8 store holds uncompressed; on disk not measured"}
+            continue
+        fs = {k: v for k, v in per_field[tname].items() if k.startswith(prefix)}
+        settings[name] = {"on_disk": round(sum(v["on_disk"] for v in fs.values()), 2),
+                          "uncompressed": sum(v["uncompressed"] for v in fs.values()),
+                          "on_disk_without_lse": round(sum(v["on_disk"] for k, v in fs.items() if not k.endswith("/lse")), 2)}
     plan = token_plan(store)
-    student_cfg = GPTConfig(vocab_size=plan["vocab_size"], context=plan["seq_len"], depth=1,
-                            width=args.student_width, heads=2, seed=0)
-    steps_per_epoch = sum(1 for _ in lm_batches(store, None, (), batch_size=args.batch_size, eos_id=plan["eos_id"],
-                                                epoch=None, shards=store.select_shards(["train-"])))
-    args.max_steps = steps_per_epoch * args.epochs
-    results = {}
-    for name, kd in VARIANTS.items():
-        loss = [{"kind": "token_ce", "weight": args.ce_weight if kd else 1.0}, *kd]
-        cfg = parse_config({
-            "data": {"store": str(store_path), "train_shards": ["train-"], "eval_shards": ["heldout-"],
-                     "batch_size": args.batch_size},
-            "model": {"arch": "gpt", "depth": 1, "width": args.student_width, "heads": 2},
-            "optim": {"lr": args.lr, "weight_decay": 0.0},
-            "train": {"out_dir": str(out / "runs" / name), "epochs": args.epochs, "seed": 0},
-            "loss": loss,
-        })
-        s = run_lm(cfg)
-        results[name] = {"seconds": s["seconds"], "steps": s["steps"], **s["eval"]}
-        print(name, results[name], flush=True)
-    for name in ("online_kd", "taid"):
-        results[name] = _online(store, teacher_dir, name, args, student_cfg, plan["eos_id"])
-        print(name, results[name], flush=True)
-    teacher_eval = json.loads((teacher_dir / "config.json").read_text())["heldout"]
+    teacher, _, _ = load_lm(teacher_dir, device="cpu")
+    teacher.eval()
+    held = store.select_shards(["heldout-"])
+    teacher_eval = evaluate_lm(teacher, store, held, eos_id=plan["eos_id"])
+    teacher_cfg = json.loads((teacher_dir / "config.json").read_text())
+    print(f"teacher on the students' held-out tokens: {teacher_eval}", flush=True)
+
+    steps_per_epoch = _steps_per_epoch(args, store_path)  # the same for every variant (all rows valid)
+    runs: dict[str, list[dict]] = {name: [] for name in ORDER}
+    for i, seed in enumerate(seeds):
+        order = ORDER if seed % 2 == 0 else ORDER[::-1]  # alternate sides from seed to seed: time drift hits both
+        for name in order:
+            r = _run(name, args, store_path, seed, steps_per_epoch, teacher)
+            r["seed"] = seed
+            runs[name].append(r)
+            print(f"seed {seed} {name:10s} ce {r['ce']:.4f} acc {r['acc']:.4f} ece {r['ece']:.4f} "
+                  f"{r['steps']} steps {r['seconds']:.0f}s", flush=True)
+    load = os.getloadavg()
     report = {
-        "size": "tiny (CPU smoke size; not a quality claim)",
+        "size": "smoke (not a measurement)" if args.smoke else "real (CPU, shared machine)",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": platform.platform(), "threads": torch.get_num_threads(),
-        "teacher_heldout": teacher_eval, "precompute_seconds_topk32_sample12": round(precompute_s, 1),
-        "tokens": {"train_rows": sum(s.num_rows for s in store.select_shards(["train-"])), "seq_len": plan["seq_len"]},
-        "bytes_per_token": per_token, "variants": results,
-        "online_over_store_time": round(results["online_kd"]["seconds"] / results["topk32"]["seconds"], 2),
+        "machine": platform.platform(), "threads": torch.get_num_threads(), "loadavg_end": [round(x, 2) for x in load],
+        "teacher": {"parameters": teacher_cfg["parameters"], "model": teacher_cfg["model"],
+                    "training": teacher_cfg["training"], "heldout_first_256_rows": teacher_cfg["heldout"],
+                    "unigram_first_256_rows": teacher_cfg["unigram"], "heldout_students_set": teacher_eval},
+        "student": {"depth": args.student_depth, "width": args.student_width, "heads": args.student_heads,
+                    "parameters": GPT(GPTConfig(vocab_size=plan["vocab_size"], context=plan["seq_len"],
+                                                depth=args.student_depth, width=args.student_width,
+                                                heads=args.student_heads)).num_parameters()},
+        "data": {"train_rows": sum(s.num_rows for s in store.select_shards(["train-"])),
+                 "heldout_rows": sum(s.num_rows for s in held), "heldout_tokens_scored": teacher_eval["tokens"],
+                 "seq_len": plan["seq_len"]},
+        "precompute_seconds": None if args.reuse_store else {
+            "topk32+sample12": round(t1 - t0, 1), "topk8": round(t2 - t1, 1) if args.topk8_precompute else None},
+        "bytes_per_token_fields": per_field, "bytes_per_token_settings": settings,
+        "runs": runs, "total_seconds": round(time.perf_counter() - t_start, 1),
     }
+    _derive(report)
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("bytes_per_token", "online_over_store_time")}, indent=1))
+    _print(report)
     return report
+
+
+def _derive(report: dict) -> None:
+    """Add the per-variant table, store/online time ratios and the acceptance checks from ``report["runs"]``."""
+    runs, settings = report["runs"], report["bytes_per_token_settings"]
+    table = {name: {m: _stats([r[m] for r in rs]) for m in ("ce", "acc", "ece", "seconds")} for name, rs in runs.items()}
+    ratios = {name: [s["seconds"] / o["seconds"] for s, o in zip(runs[name], runs["online_kd"])] for name in STORE_VARIANTS}
+    online_ce = table["online_kd"]["ce"]["mean"]
+    store_best = min(STORE_VARIANTS, key=lambda n: table[n]["ce"]["mean"])
+    within = {n: (table[n]["ce"]["mean"] - online_ce) / online_ce for n in STORE_VARIANTS}
+    bar = {n: within[n] <= 0.01 and table[n]["ce"]["mean"] < table["ce"]["ce"]["mean"] for n in STORE_VARIANTS}
+    report["seeds"] = sorted({r["seed"] for rs in runs.values() for r in rs})
+    report["steps"] = sorted({r["steps"] for rs in runs.values() for r in rs})
+    report["variants"] = table
+    report["store_over_online_time"] = {n: {"per_seed": [round(x, 3) for x in v], **_stats(v)} for n, v in ratios.items()}
+    report["acceptance"] = {
+        "best_store_setting": store_best,
+        "best_store_within_1pct_of_online_ce": within[store_best] <= 0.01,
+        "best_store_better_than_ce_only": table[store_best]["ce"]["mean"] < table["ce"]["ce"]["mean"],
+        "rskd_ece_no_worse_than_topk": {k: table["rskd12"]["ece"]["mean"] <= table[k]["ece"]["mean"]
+                                        for k in ("topk8", "topk32")},
+        "settings_meeting_bar_at_most_64_bytes_per_token": sorted(
+            n for n in STORE_VARIANTS if bar[n] and settings[n]["uncompressed"] <= 64),
+        "relative_ce_gap_to_online": {n: round(v, 5) for n, v in within.items()},
+    }
+
+
+def merge(paths: list[Path], result: Path) -> dict:
+    """One report from per-seed reports of the same store and settings (seeds run as separate processes)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    report = dict(parts[0])
+    report["runs"] = {name: [r for part in parts for r in part["runs"][name]] for name in ORDER}
+    report["loadavg_end"] = [part["loadavg_end"] for part in parts]
+    report["total_seconds"] = [part["total_seconds"] for part in parts]
+    report["merged_from"] = [str(p) for p in paths]
+    report["args"] = {**report["args"], "seeds": ",".join(str(r["seed"]) for r in report["runs"]["ce"])}
+    _derive(report)
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps(report, indent=1))
+    _print(report)
+    return report
+
+
+def _steps_per_epoch(args, store_path: Path) -> int:
+    from kdstore.train.lm_train import epoch_rows
+
+    store = open_store(store_path)
+    rows = epoch_rows(store, None, store.select_shards(["train-"]))
+    return -(-rows // args.batch_size)
+
+
+def _print(report: dict) -> None:
+    t = report["teacher"]
+    print(f"\nteacher {t['parameters']:,} params, {t['training']['steps']} steps: held-out CE "
+          f"{t['heldout_students_set']['ce']:.3f} acc {t['heldout_students_set']['acc']:.3f} "
+          f"(first 256 rows: {t['heldout_first_256_rows']['ce']:.3f} vs unigram {t['unigram_first_256_rows']['ce']:.3f})")
+    b = report["bytes_per_token_settings"]
+    print(f"\n{'variant':10s} {'held-out CE':>16s} {'acc':>14s} {'ECE':>14s} {'train s':>9s} {'B/tok disk':>10s} {'B/tok raw':>9s}")
+    for name, row in report["variants"].items():
+        f = lambda m, d=4: f"{row[m]['mean']:.{d}f}±{row[m]['sd']:.{d}f}"
+        disk = b[name]["on_disk"] if name in b and b[name]["on_disk"] is not None else "-"
+        print(f"{name:10s} {f('ce'):>16s} {f('acc'):>14s} {f('ece'):>14s} {row['seconds']['mean']:9.0f} "
+              f"{disk:>10} {b[name]['uncompressed'] if name in b else '-':>9}")
+    print("\nstore / online epoch time:", {n: f"{v['mean']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
+                                          for n, v in report["store_over_online_time"].items()})
+    print("acceptance:", json.dumps(report["acceptance"], indent=1))
 
 
 if __name__ == "__main__":

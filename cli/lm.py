@@ -11,8 +11,8 @@ from kdstore.cli.common import user_errors
 
 @click.command("lm-teacher")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--steps", default=400, show_default=True, help="Optimizer steps (a fixed budget, not wall time).")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--steps", default=1200, show_default=True, help="Optimizer steps (a fixed budget, not wall time).")
+@click.option("--batch-size", default=16, show_default=True)
 @click.option("--context", default=128, show_default=True, help="Tokens per training row.")
 @click.option("--depth", default=2, show_default=True)
 @click.option("--width", default=128, show_default=True)

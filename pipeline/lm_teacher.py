@@ -92,8 +92,8 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
 def train_lm_teacher(
     out_dir: str | os.PathLike[str],
     *,
-    steps: int = 400,
-    batch_size: int = 8,
+    steps: int = 1200,
+    batch_size: int = 16,
     context: int = 128,
     depth: int = 2,
     width: int = 128,

@@ -10,8 +10,9 @@ Input is one sample's teacher logits ``[n, V]`` (position t scores the token at 
   "Sparse Logit Sampling"): S ids drawn with replacement from ``softmax(logits / T)``,
   stored as the unique ids with their counts, most frequent first, padded to S with count 0.
   ``counts / S`` is an unbiased estimate of the teacher distribution. The draws of position
-  t of sample ``key`` come from a counter-based generator (Philox) keyed by
-  ``(seed, key, t)`` only, so they do not depend on batch composition, order or device.
+  t of sample ``key`` come from a counter-based generator (Philox4x32-10, keyed by
+  ``(seed, key)``, counter = (draw block, t)) evaluated for all positions at once, so they
+  depend on ``(seed, key, t)`` only: not on batch composition, order or device.
 
 :func:`bytes_per_token` reports the storage of either result from its arrays.
 """
@@ -121,17 +122,58 @@ def topk_tokens(logits: torch.Tensor, k: int, *, temperature: float = 1.0) -> di
     }
 
 
-def position_key(seed: int, key: str, position: int) -> int:
-    """128-bit Philox key for the draws at ``position`` of sample ``key``."""
-    digest = hashlib.sha256(f"kdstore-rskd:{int(seed)}:{key}:{int(position)}".encode()).digest()
-    return int.from_bytes(digest[:16], "little")
+_PHILOX_M = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_LO = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32(counter: np.ndarray, key: tuple[int, int], rounds: int = 10) -> np.ndarray:
+    """Philox4x32-10 (Salmon et al., SC 2011; Random123's reference), vectorised.
+
+    Args:
+        counter: uint32 ``[m, 4]``, one 128-bit counter per row.
+        key: two 32-bit words.
+        rounds: 10 for Philox4x32-10.
+
+    Returns:
+        uint32 ``[m, 4]``, the random words of each counter.
+    """
+    c = [counter[:, i].astype(np.uint64) for i in range(4)]
+    k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W[0]) & 0xFFFFFFFF, (k1 + _PHILOX_W[1]) & 0xFFFFFFFF
+        p0, p1 = _PHILOX_M[0] * c[0], _PHILOX_M[1] * c[2]  # < 2^64: exact in uint64
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0), p1 & _LO, (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1), p0 & _LO]
+    return np.stack(c, axis=1).astype(np.uint32)
+
+
+def sample_key(seed: int, key: str) -> tuple[int, int]:
+    """Philox key (two 32-bit words) for the draws of sample ``key`` under run seed ``seed``."""
+    digest = hashlib.sha256(f"kdstore-rskd:{int(seed)}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
 
 
 def uniforms(seed: int, key: str, positions: np.ndarray, s: int) -> np.ndarray:
-    """float64 ``[n, s]`` in [0, 1): the draws' uniforms, one counter-based stream per position."""
-    return np.stack(
-        [np.random.Generator(np.random.Philox(key=position_key(seed, key, int(p)))).random(s) for p in positions]
-    ) if len(positions) else np.zeros((0, s))
+    """float64 ``[n, s]`` in [0, 1): the draws' uniforms, all positions at once.
+
+    Draw ``j`` of position ``t`` comes from Philox4x32-10 with the sample's key
+    (:func:`sample_key`) and counter ``(j // 2, t mod 2^32, t >> 32, 0x52534b44)``: two 53-bit
+    doubles per counter (words 0-1 and 2-3, numpy's ``(a >> 5) * 2^26 + (b >> 6)``). So the
+    draws depend on ``(seed, key, t, j)`` only, never on which other positions are drawn.
+    """
+    pos = np.asarray(positions, dtype=np.int64).astype(np.uint64)
+    n, blocks = len(pos), (s + 1) // 2
+    if n == 0:
+        return np.zeros((0, s))
+    counter = np.empty((n, blocks, 4), dtype=np.uint32)
+    counter[..., 0] = np.arange(blocks, dtype=np.uint32)[None, :]
+    counter[..., 1] = (pos & _LO).astype(np.uint32)[:, None]
+    counter[..., 2] = (pos >> np.uint64(32)).astype(np.uint32)[:, None]
+    counter[..., 3] = 0x52534B44  # "RSKD"
+    words = philox4x32(counter.reshape(-1, 4), sample_key(seed, key)).astype(np.uint64).reshape(n, blocks * 2, 2)
+    u = ((words[..., 0] >> np.uint64(5)) * np.uint64(1 << 26) + (words[..., 1] >> np.uint64(6))) * (1.0 / (1 << 53))
+    return u[:, :s]
 
 
 def sample_tokens(
@@ -174,16 +216,24 @@ def sample_tokens(
 
 
 def pack_counts(draws: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
-    """``draws int [n, s]`` → ``{"ids": [n, s], "counts": uint8 [n, s]}`` (unique, most frequent first, zero-padded)."""
+    """``draws int [n, s]`` → ``{"ids": [n, s], "counts": uint8 [n, s]}`` (unique, most frequent first, zero-padded).
+
+    Vectorised over rows: sort each row, count the runs, order them by (count desc, id asc).
+    """
     n, s = draws.shape
-    ids = np.zeros((n, s), dtype=id_dtype(vocab_size))
-    counts = np.zeros((n, s), dtype=np.uint8)
-    for r in range(n):
-        uniq, cnt = np.unique(draws[r], return_counts=True)
-        order = np.lexsort((uniq, -cnt))
-        ids[r, : len(uniq)] = uniq[order]
-        counts[r, : len(uniq)] = cnt[order]
-    return {"ids": ids, "counts": counts}
+    if n == 0:
+        return {"ids": np.zeros((0, s), dtype=id_dtype(vocab_size)), "counts": np.zeros((0, s), dtype=np.uint8)}
+    srt = np.sort(np.asarray(draws, dtype=np.int64), axis=1)
+    new = np.ones((n, s), dtype=bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    run = np.cumsum(new, axis=1) - 1  # index of each draw's run (distinct id) within its row
+    flat = (np.arange(n)[:, None] * s + run).ravel()
+    cnt = np.bincount(flat, minlength=n * s).reshape(n, s)
+    run_ids = np.zeros((n, s), dtype=np.int64)
+    run_ids.ravel()[flat[new.ravel()]] = srt[new]
+    order = np.lexsort((run_ids, -cnt), axis=1)  # padding runs (count 0, id 0) sort last
+    return {"ids": np.take_along_axis(run_ids, order, 1).astype(id_dtype(vocab_size)),
+            "counts": np.take_along_axis(cnt, order, 1).astype(np.uint8)}
 
 
 def bytes_per_token(fields: dict[str, np.ndarray]) -> dict[str, float]:

@@ -147,11 +147,11 @@ def test_teacher_on_a_shard_sample_and_topk(teacher_dir, tmp_path):
 
 @pytest.mark.slow
 def test_default_teacher_beats_unigram(tmp_path):
-    """The default `kdstore lm-teacher` (400 steps; ~10+ minutes on 2 busy cores) is clearly better than unigram."""
+    """The default `kdstore lm-teacher` (1,200 steps of 16 rows; ~20+ minutes on 2 busy cores) is clearly better than unigram."""
     out = tmp_path / "teacher"
     result = CliRunner().invoke(main, ["lm-teacher", str(out)])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
-    # measured at these defaults: CE 6.56 vs 7.05, accuracy 0.044 vs 0.034 (docs/LM.md)
-    assert config["heldout"]["ce"] < config["unigram"]["ce"] - 0.3
-    assert config["heldout"]["acc"] > config["unigram"]["acc"]
+    # measured at these defaults: CE 5.87 vs 7.05, accuracy 0.099 vs 0.034 (docs/LM.md)
+    assert config["heldout"]["ce"] < config["unigram"]["ce"] - 0.8
+    assert config["heldout"]["acc"] > config["unigram"]["acc"] + 0.04

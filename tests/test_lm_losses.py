@@ -18,6 +18,8 @@ from kdstore.train.losses_tokens import (
     reverse_kl,
     sampled_kl,
     taid_kl,
+    taid_sampled_kl,
+    taid_topk_kl,
     topk_kl,
 )
 
@@ -186,6 +188,52 @@ def test_taid_kl_by_hand():
     np.testing.assert_allclose(st.grad[0, 0].numpy(), (torch.tensor(_softmax(S_ROW)) - target).numpy(), atol=1e-6)
 
 
+def test_taid_topk_kl_by_hand_on_the_k_plus_1_buckets():
+    """TAID on stored top-2 + residual: log-space interpolation of the 3 buckets, by hand, at T = 2."""
+    t = 2.0
+    logp = [math.log(0.5), math.log(0.3)]  # ids 0 and 1; residual 0.2
+    ids, r = [0, 1], 0.2
+    q = _softmax(S_ROW, t)
+    qb = [q[0], q[1], 1 - q[0] - q[1]]
+    pb = [0.5, 0.3, r]
+    args = (_one(S_ROW), torch.tensor([[logp]]), torch.tensor([[ids]]), torch.tensor([[r]]))
+    for lam in (0.0, 0.3, 0.8, 1.0):
+        z = [math.exp((1 - lam) * math.log(a) + lam * math.log(b)) for a, b in zip(qb, pb)]
+        target = [x / sum(z) for x in z]
+        hand = sum(p * math.log(p / qi) for p, qi in zip(target, qb)) * t * t
+        assert taid_topk_kl(*args, lam, temperature=t).item() == pytest.approx(hand, abs=1e-6, rel=1e-5), lam
+    # lam = 1 is the top-k KL with the residual bucket
+    assert taid_topk_kl(*args, 1.0, temperature=t).item() == pytest.approx(topk_kl(*args, temperature=t).item(), rel=1e-5)
+    # the target is a constant: the gradient is that of KL(p_lam || Q) with p_lam fixed
+    st = _one(S_ROW).requires_grad_(True)
+    taid_topk_kl(st, *args[1:], 0.3, temperature=t).backward()
+    z = torch.tensor([math.exp(0.7 * math.log(a) + 0.3 * math.log(b)) for a, b in zip(qb, pb)], dtype=torch.float64)
+    target = z / z.sum()
+    sq = torch.tensor(S_ROW, dtype=torch.float64).requires_grad_(True)
+    qv = torch.softmax(sq / t, 0)
+    (-(target * torch.log(torch.stack([qv[0], qv[1], 1 - qv[0] - qv[1]]))).sum() * t * t).backward()
+    np.testing.assert_allclose(st.grad[0, 0].numpy(), sq.grad.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="lam"):
+        taid_topk_kl(*args, 1.5)
+
+
+def test_taid_sampled_kl_by_hand_is_lam_times_rskd_in_gradient():
+    """TAID on stored samples: KL((1 - lam) q + lam * counts / S || q), by hand; padding ignored."""
+    ids, counts = [[[2, 0, 3, 0]]], [[[3, 1, 0, 0]]]  # id 2 drawn 3 times, id 0 once; two padding entries
+    p_hat = [0.25, 0.0, 0.75, 0.0]
+    q = _softmax(S_ROW)
+    for lam in (0.0, 0.4, 1.0):
+        target = [(1 - lam) * qi + lam * p for qi, p in zip(q, p_hat)]
+        hand = sum(p * math.log(p / qi) for p, qi in zip(target, q) if p > 0)
+        got = taid_sampled_kl(_one(S_ROW), torch.tensor(ids), torch.tensor(counts), lam)
+        assert got.item() == pytest.approx(hand, abs=1e-6, rel=1e-5), lam
+    st = _one(S_ROW).requires_grad_(True)
+    taid_sampled_kl(st, torch.tensor(ids), torch.tensor(counts), 0.4).backward()
+    ref = _one(S_ROW).requires_grad_(True)
+    sampled_kl(ref, torch.tensor(ids), torch.tensor(counts)).backward()
+    np.testing.assert_allclose(st.grad.numpy(), 0.4 * ref.grad.numpy(), atol=1e-6)
+
+
 def test_taid_schedule():
     sched = TaidSchedule(100, start=0.4, end=1.0, alpha=0.05)
     lams = [sched.update(5.0 - 0.01 * i, i) for i in range(101)]
@@ -201,3 +249,17 @@ def test_taid_schedule():
     other = TaidSchedule(100)
     other.load_state_dict(state)
     assert other.state_dict() == state
+
+
+def test_first_k_of_a_stored_topk_equals_a_smaller_topk():
+    """token_topk_kd top_k = 8 on a stored topk:32 reads what a stored topk:8 holds (residual included)."""
+    from kdstore.train.objective_tokens import first_k
+
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(2)) * 2
+    big, small = topk_tokens(x, 32, temperature=1.5), topk_tokens(x, 8, temperature=1.5)
+    lp, ids, r = first_k(torch.from_numpy(big["logprobs"]), torch.from_numpy(big["ids"].astype(np.int64)),
+                         torch.from_numpy(big["residual"]), 8)
+    np.testing.assert_array_equal(lp.numpy(), small["logprobs"])
+    np.testing.assert_array_equal(ids.numpy(), small["ids"].astype(np.int64))
+    np.testing.assert_allclose(r.numpy(), small["residual"], atol=2e-3)
+    assert first_k(lp, ids, r, 0)[2] is r and first_k(lp, ids, r, 9)[0] is lp

@@ -13,6 +13,9 @@ from kdstore.pipeline.token_reduce import (
     TokenReduceSpec,
     bytes_per_token,
     id_dtype,
+    pack_counts,
+    philox4x32,
+    uniforms,
     reduce_tokens,
     sample_tokens,
     topk_tokens,
@@ -149,3 +152,40 @@ def test_reduce_tokens_names_fields(logits):
         out = reduce_tokens(logits, spec, key="k")
         assert sorted(out) == sorted(spec.fields())
         assert all(v.shape[0] == logits.shape[0] for v in out.values())
+
+
+def test_philox4x32_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10 (counter, key -> output)."""
+    kat = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+           ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+           ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, want in kat:
+        got = philox4x32(np.array([counter], dtype=np.uint32), key)
+        assert tuple(int(x) for x in got[0]) == want
+
+
+def test_uniforms_per_position_and_vectorised_agree():
+    """All positions at once = each position alone (the draws are seeded by key and position only)."""
+    pos = np.array([0, 1, 7, 2**33 + 5, 128])
+    whole = uniforms(3, "doc", pos, 11)
+    alone = np.concatenate([uniforms(3, "doc", pos[i : i + 1], 11) for i in range(len(pos))])
+    np.testing.assert_array_equal(whole, alone)
+    assert whole.shape == (5, 11) and (whole >= 0).all() and (whole < 1).all()
+    assert len(np.unique(whole)) == whole.size
+    assert not np.array_equal(uniforms(3, "doc", pos, 11), uniforms(4, "doc", pos, 11))
+    assert not np.array_equal(uniforms(3, "doc", pos, 11), uniforms(3, "doc2", pos, 11))
+
+
+def test_pack_counts_vectorised_equals_a_per_row_loop():
+    rng = np.random.default_rng(0)
+    draws = np.concatenate([rng.integers(0, 6, (200, 12)), rng.integers(0, 3000, (50, 12)), np.full((3, 12), 7)])
+    got = pack_counts(draws, 3000)
+    for r, row in enumerate(draws):
+        uniq, cnt = np.unique(row, return_counts=True)
+        order = np.lexsort((uniq, -cnt))
+        m = len(uniq)
+        np.testing.assert_array_equal(got["ids"][r, :m], uniq[order])
+        np.testing.assert_array_equal(got["counts"][r, :m], cnt[order])
+        assert (got["ids"][r, m:] == 0).all() and (got["counts"][r, m:] == 0).all()
+    assert got["ids"].dtype == np.uint16 and got["counts"].dtype == np.uint8

@@ -27,6 +27,7 @@ from kdstore.store.schema import (
 from kdstore.train.config import parse_config
 from kdstore.train.lm_data import check_tokenizer, lm_batches, pack_batch
 from kdstore.train.lm_train import run_lm
+from kdstore.train.losses_tokens import taid_topk_kl
 from lm_fixture import build_lm, precompute
 
 T, K, S = 2.0, 6, 10
@@ -185,3 +186,118 @@ teacher = "gpt"
     with pytest.raises(InputError, match="arch"):
         run(mlp.replace(model=dataclasses.replace(mlp.model, arch="mlp")))
     shutil.rmtree(tmp_path / "cli")
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "student.safetensors"))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_gpt_loop_stops_and_resumes_to_identical_weights(lm_store, tmp_path):
+    """Warmup + cosine, TAID's schedule and a checkpoint every 3 steps: a run killed after step 5 and
+    resumed from its step-3 checkpoint ends with bit-identical weights, metrics and TAID lambda."""
+    store_path, _, _ = lm_store
+    loss = [{"kind": "token_ce", "weight": 0.5}, {"kind": "token_taid", "teacher": "gpt"}]
+
+    def cfg(out):
+        c = _config(store_path, out, loss, steps=0, epochs=2, checkpoint_every_steps=3)
+        return c.replace(optim=dataclasses.replace(c.optim, warmup_steps=2, schedule="cosine", lr=3e-3))
+
+    seen = {}
+    full = run_lm(cfg(tmp_path / "full"), on_step=lambda step, info: seen.setdefault(step, info))
+    assert full["steps"] == 2 * full["steps_per_epoch"] == 12  # 21 rows in batches of 4 (last one short)
+    # TAID through the trainer at step 0: lam = 0.4 (the schedule's start) on the stored top-k, by hand
+    plan = json.loads(next(store_path.parent.glob("shards/lm_plan.*.json")).read_text())
+    student = GPT(GPTConfig(vocab_size=plan["vocab_size"], context=plan["seq_len"], depth=1, width=16, heads=2, seed=11))
+    b = seen[0]["batch"]
+    with torch.no_grad():
+        hand = taid_topk_kl(student(b["ids"], b["doc"]), b[TOKENS_TOPK_LOGPROBS], b[TOKENS_TOPK_IDS],
+                            b[TOKENS_TOPK_RESIDUAL], 0.4, b["kd_mask"], temperature=T)
+    assert seen[0]["parts"]["loss/1.token_taid"] == pytest.approx(float(hand), rel=1e-5)
+    log = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lams, lrs = [x["taid/lambda"] for x in log], [x["lr"] for x in log]
+    assert lams[0] == 0.4 and all(b >= a for a, b in zip(lams, lams[1:])) and lams[-1] > 0.4
+    assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3) and lrs[-1] < 3e-4  # warmup, cosine
+
+    def stop(step, info):
+        if step == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_lm(cfg(tmp_path / "cut"), on_step=stop)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-000000003.pt"]
+    with pytest.raises(InputError, match="not empty"):
+        run_lm(cfg(tmp_path / "cut"))
+    after = {}
+    resumed = run_lm(cfg(tmp_path / "cut"), resume=True, on_step=lambda step, info: after.setdefault(step, info))
+    assert resumed["steps"] == 12 and resumed["taid_lambda"] == full["taid_lambda"]
+    # the resumed run reads the same rows and ragged fields at each step (batch 3 spans shards 0 and 1 of 7 rows)
+    assert sorted(after) == list(range(3, 12))
+    for step, info in after.items():
+        want = seen[step]["batch"]
+        assert sorted(info["batch"]) == sorted(want)
+        for name, value in want.items():
+            assert torch.equal(info["batch"][name], value), (step, name)
+    a, c = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert sorted(a) == sorted(c) and all(torch.equal(a[k], c[k]) for k in a)
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    with pytest.raises(InputError, match="other settings"):
+        run_lm(_config(store_path, tmp_path / "cut", loss, steps=0, epochs=3, checkpoint_every_steps=3), resume=True)
+
+
+def _ddp_worker(rank: int, world: int, port: int, store_path: str, out: str, result: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    cfg = _config(Path(store_path), Path(out), [{"kind": "token_topk_kd", "teacher": "gpt"}], steps=0, epochs=1,
+                  device="cpu")
+    seen = {}
+
+    def keep(step, info):
+        seen[step] = (info["batch"]["ids"].clone(), {k: v.detach().clone() for k, v in info["model"].state_dict().items()})
+
+    summary = run_lm(cfg, on_step=keep)
+    torch.save({"summary_steps": summary["steps"], "world": summary["world_size"],
+                "ids": [seen[s][0] for s in sorted(seen)], "weights": seen[max(seen)][1]}, result)
+
+
+def test_gpt_loop_under_ddp_two_cpu_ranks(lm_store, tmp_path):
+    """torchrun-style env, gloo: each rank takes every other batch, and the replicas stay identical."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    store_path, _, _ = lm_store
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(store_path), str(tmp_path / "ddp"), results[r]))
+             for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=600)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    got = [torch.load(r, weights_only=True) for r in results]
+    # 21 rows in batches of 4 = 6 global batches (the last one short) = 3 per rank
+    assert [g["summary_steps"] for g in got] == [3, 3] and [g["world"] for g in got] == [2, 2]
+    store = open_store(store_path)
+    eos = check_tokenizer(store, None)["eos_id"]
+    order = list(lm_batches(store, None, (), batch_size=4, eos_id=eos, epoch=0, seed=11,
+                            shards=store.select_shards(["0..2"])))
+    for rank, g in enumerate(got):
+        for local, ids in enumerate(g["ids"]):
+            assert torch.equal(ids, order[2 * local + rank]["ids"])
+    assert all(torch.equal(got[0]["weights"][k], got[1]["weights"][k]) for k in got[0]["weights"])
+    assert (tmp_path / "ddp" / "student.safetensors").is_file()

@@ -393,7 +393,7 @@ def test_every_loss_kind_has_a_config_example():
 
     root = Path(__file__).parents[1] / "configs"
     # the token kinds' examples are the LM configs (parsed here; tests/test_lm_train.py runs those kinds through `kdstore train`)
-    names = CONFIG_EXAMPLES + ["lm_ce.toml", "lm_topk.toml", "lm_rskd.toml"]
+    names = CONFIG_EXAMPLES + ["lm_ce.toml", "lm_topk.toml", "lm_rskd.toml", "lm_taid.toml"]
     shown = {t.kind for name in names for t in load_config(root / name).loss}
     assert shown == set(KINDS)
 

@@ -189,7 +189,7 @@ class LossConfig:
     teacher_temperature: float | None = None  # ranking: of the teacher's scores (None: temperature)
     router_input: str = "logits"  # routed_kd: what the router reads (logits, embedding or a layer)
     router_hidden: int = 0  # routed_kd: hidden width (0: 2 × its input)
-    top_k: int = 0  # routed_kd: keep the k best-routed teachers per row (0: all)
+    top_k: int = 0  # routed_kd: keep the k best-routed teachers per row; token_topk_kd: use the first k stored (0: all)
     balance_weight: float = 0.01  # routed_kd: load-balancing term
 
     def __post_init__(self) -> None:
@@ -206,7 +206,7 @@ class LossConfig:
                f"loss {self.kind}: teacher_temperature must be > 0")
         _check(self.router_hidden >= 0 and self.balance_weight >= 0,
                f"loss {self.kind}: router_hidden and balance_weight must be >= 0")
-        _check(0 <= self.top_k <= max(1, len(self.teachers)),
+        _check(self.top_k >= 0 and (self.kind != "routed_kd" or self.top_k <= max(1, len(self.teachers))),
                f"loss {self.kind}: top_k must be in [0, number of teachers] (0 = all), got {self.top_k}")
         check_term(self, _check)
         _check(not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),

@@ -226,6 +226,101 @@ def taid_kl(student_logits: Tensor, teacher_logits: Tensor, lam: float, mask: Te
     return _masked_mean((logp.exp() * (logp - logq)).sum(-1), m)
 
 
+def taid_topk_kl(
+    student_logits: Tensor,
+    logprobs: Tensor,
+    ids: Tensor,
+    residual: Tensor,
+    lam: float,
+    mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+) -> Tensor:
+    """TAID on stored top-k targets: :func:`taid_kl` over the K + 1 buckets of :func:`topk_kl`.
+
+    The teacher's bucket distribution ``P = (p_1..p_K, r)`` (stored log-probs, the residual as
+    the tail bucket) and the student's ``Q = (q_1..q_K, q_tail)`` at temperature T are
+    interpolated in log space as in the paper, ``p_lam = softmax((1 - lam) * stopgrad(log Q) +
+    lam * log P)`` over the K + 1 buckets, and the loss is ``KL(p_lam || Q) * T^2``. At
+    ``lam = 1`` it equals :func:`topk_kl`; at ``lam = 0`` it is 0.
+
+    Args:
+        student_logits: [b, n, V] float.
+        logprobs: [b, n, K] float, ids: [b, n, K] int, residual: [b, n] float (``tokens:topk:K``).
+        lam: interpolation in [0, 1] (:class:`TaidSchedule`).
+        mask: [b, n] bool.
+        temperature: the T the fields were reduced at.
+
+    Returns:
+        [] float.
+    """
+    b, n, v, m = _check(student_logits, mask)
+    k = logprobs.shape[-1] if logprobs.dim() == 3 else -1
+    _same("logprobs", logprobs, (b, n, k))
+    _same("ids", ids, (b, n, k))
+    _same("residual", residual, (b, n))
+    t, lam = _temperature(temperature), _lam(lam)
+    idx = torch.where(m.unsqueeze(-1), ids.long(), torch.arange(k, device=ids.device).expand(b, n, k))
+    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_qb = torch.cat([logq.gather(-1, idx), torch.logsumexp(logq.scatter(-1, idx, _NEG), dim=-1, keepdim=True)], -1)
+    r = residual.detach().float().clamp(min=0.0).unsqueeze(-1)
+    log_pb = torch.cat([logprobs.detach().float(), torch.log(r.clamp(min=1e-30))], -1)  # [b, n, K + 1]
+    log_target = F.log_softmax((1.0 - lam) * log_qb.detach() + lam * log_pb, dim=-1)
+    per = (log_target.exp() * (log_target - log_qb)).sum(-1)
+    return _masked_mean(per, m) * t * t
+
+
+def taid_sampled_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    counts: Tensor,
+    lam: float,
+    mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+) -> Tensor:
+    """TAID on stored RS-KD samples: ``KL(p_lam || q) * T^2`` with ``p_lam = (1 - lam) * stopgrad(q) + lam * p_hat``.
+
+    ``p_hat = counts / S`` (zero outside the drawn ids), ``q = softmax(student / T)``. The
+    paper's log-space interpolation needs ``log p`` of every id, which counts do not give (an
+    undrawn id has ``p_hat = 0``), so the target mixes probabilities: linear in ``p_hat``, so
+    unbiased for the mixture with the true teacher. Its gradient is ``lam`` times
+    :func:`sampled_kl`'s (``sum_v q_v grad log q_v = 0``): on samples TAID acts as RS-KD whose
+    weight follows the adaptive schedule; the value is a proper KL (0 at ``lam = 0``).
+
+    Args:
+        student_logits: [b, n, V] float.
+        ids: [b, n, S] int, counts: [b, n, S] int (``tokens:sample:S``; count 0 = padding).
+        lam: interpolation in [0, 1].
+        mask: [b, n] bool.
+        temperature: the T the draws were made at.
+
+    Returns:
+        [] float.
+    """
+    b, n, v, m = _check(student_logits, mask)
+    s = ids.shape[-1] if ids.dim() == 3 else -1
+    _same("ids", ids, (b, n, s))
+    _same("counts", counts, (b, n, s))
+    t, lam = _temperature(temperature), _lam(lam)
+    c = counts.to(device=student_logits.device).float()
+    total = c.sum(-1, keepdim=True)
+    m = m & (total.squeeze(-1) > 0)
+    p_hat = torch.zeros_like(student_logits, dtype=torch.float32).scatter_add_(
+        -1, ids.long().clamp(0, v - 1), c / total.clamp(min=1.0))
+    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    target = (1.0 - lam) * logq.detach().exp() + lam * p_hat
+    per = (target * (torch.log(target.clamp(min=1e-30)) - logq)).sum(-1)
+    return _masked_mean(per, m) * t * t
+
+
+def _lam(lam: float) -> float:
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    return lam
+
+
 class TaidSchedule:
     """TAID's adaptive ``lam`` (paper Sec. 3.2 and its reference code ``TAID.update_t``).
 

@@ -436,7 +436,7 @@ def run(cfg: Config, *, resume: bool | str | Path = False, overwrite: bool = Fal
     if cfg.model.arch == "gpt":  # LM student on per-token targets: its own loop (train/lm_train.py)
         from kdstore.train.lm_train import run_lm
 
-        return run_lm(cfg)
+        return run_lm(cfg, resume=resume, overwrite=overwrite)
     if any(t.kind in TOKEN_KINDS for t in cfg.loss):
         raise InputError(f"the token losses {TOKEN_KINDS} train an LM student: set model.arch = \"gpt\"")
     recipe = Recipe(cfg, callbacks=callbacks, cache=cache)
