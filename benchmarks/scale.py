@@ -340,8 +340,9 @@ def main() -> None:
         if written["rows"] != a.rows:
             raise SystemExit(f"{work} holds a store of {written['rows']} rows, not {a.rows}: use another --work")
         store_bytes = sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file())
-        np.save(work / "queries.npy", queries(held, a.rows, len(base)))
-        np.save(work / "validation.npy", queries(val, a.rows, len(base), seed=2))
+        if not (work / "validation.npy").exists():  # deterministic; minutes on a loaded machine at 10^6
+            np.save(work / "queries.npy", queries(held, a.rows, len(base)))
+            np.save(work / "validation.npy", queries(val, a.rows, len(base), seed=2))
         log(f"store: {a.rows:,} x {DIM} float32, {store_bytes / 2**20:,.0f} MiB on disk, written in "
             f"{written['store_write_s']:.0f} s ({work / 'store'})")
         exact = _step(work, "exact", ["--phase", "exact"], log)
