@@ -93,8 +93,8 @@ class IndexSpec:
     - ``nlist`` (ivf, ivfpq): inverted lists; default the power of two nearest 4·√n, kept
       at or below n/39 so k-means has 39 training points per centroid.
     - ``nprobe`` (ivf, ivfpq): lists searched; default ``max(8, min(nlist/16, 32), nlist/32)``
-      (at most nlist): nlist/16 up to nlist 512 (unchanged there), nlist/32 from 1024 lists
-      (10^5 rows: recall@10 0.988 at 16x exact; nlist/16: 0.991 at 8.6x; benchmarks/scale.py).
+      (at most nlist): nlist/16 up to nlist 512, nlist/32 from 1024 lists (benchmarks/scale.py:
+      10^5 rows, nlist 1024: recall@10 0.991 at 12.8x exact; 10^6, nlist 4096: 0.984 at 9.5x).
     - ``hnsw_m``, ``ef_construction``, ``ef_search`` (hnsw).
     - ``pq_m`` (ivfpq): sub-quantisers, must divide the dimension; default dim/8 (rounded to
       a divisor). ``pq_nbits``: bits per code.
