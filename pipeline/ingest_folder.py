@@ -63,7 +63,7 @@ class FolderSource:
         if pinned is not None:
             dupes = sorted({c for c in pinned if pinned.count(c) > 1})
             if not pinned or dupes or any(not c for c in pinned):
-                raise InputError(f"--classes must list distinct, non-empty class names"
+                raise InputError("--classes must list distinct, non-empty class names"
                                  + (f" ({dupes[0]!r} is listed twice)" if dupes else ""))
         skip = Path(exclude).resolve() if exclude is not None else None
         if not self.root.is_dir():
