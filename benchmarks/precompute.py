@@ -274,22 +274,6 @@ def old_tree(ref: str, work: Path) -> Path:
     return ns.parent
 
 
-class _Counted:
-    def __init__(self, raw, total: list[int]) -> None:
-        self.raw, self.total = raw, total
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.total[0] += len(data)
-        return data
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.raw.close()
-
-
 def driver_reads(urls: list[str], work: Path) -> dict:
     """What each version's driver reads from the inputs before the first teacher batch, counted on
     the shard stream in this process, and how long that step takes (seconds)."""
@@ -299,19 +283,20 @@ def driver_reads(urls: list[str], work: Path) -> dict:
     from kdstore.pipeline.teacher import TeacherLoad
     from kdstore.store import shards
 
-    real_open, total = shards._open, [0]
-    shards._open = lambda url: _Counted(real_open(url), total)
+    real_open, total = shards._open, shards.ReadStats()
+    shards._open = lambda url: shards.CountingReader(real_open(url), total)
     try:
         t = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:  # the format 1 planner, as it ran
             list(pool.map(shards.list_shard, urls))
-        before_s, before, total[0] = time.perf_counter() - t, total[0], 0
+        before_s, before = time.perf_counter() - t, total.bytes_read
+        total.bytes_read = 0
         store = work / f"plan-{uuid.uuid4().hex[:8]}"
         cfg = job.PrecomputeConfig(store=store, inputs=tuple(urls), progress=False,
                                    teacher=TeacherLoad(factory="kdstore.pipeline.zoo:fashion_cnn", name="cnn"))
         t = time.perf_counter()
         job.plan_store(cfg, urls)
-        after_s, after = time.perf_counter() - t, total[0]
+        after_s, after = time.perf_counter() - t, total.bytes_read
         shutil.rmtree(store, ignore_errors=True)
     finally:
         shards._open = real_open

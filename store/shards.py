@@ -94,8 +94,9 @@ class ReadStats:
     bytes_read: int = 0
 
 
-class _CountingReader:
-    """File-like wrapper that counts the bytes read through it (truncation checks, ``ReadStats``)."""
+class CountingReader:
+    """File-like wrapper that counts the bytes read through it (truncation checks, ``ReadStats``);
+    as a context manager it closes ``raw``."""
 
     def __init__(self, raw, stats: ReadStats | None = None) -> None:
         self.raw = raw
@@ -109,6 +110,12 @@ class _CountingReader:
             self.stats.bytes_read += len(data)
         return data
 
+    def __enter__(self) -> "CountingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.raw.close()
+
 
 def list_shard(url: str, stats: ReadStats | None = None) -> ShardListing:
     """List every key (and label, when a ``.cls`` member exists) of one shard, in tar order.
@@ -120,7 +127,7 @@ def list_shard(url: str, stats: ReadStats | None = None) -> ShardListing:
     index: dict[str, int] = {}
     last_key = None
     try:
-        with _open(url) as raw, tarfile.open(fileobj=(stream := _CountingReader(raw, stats)), mode="r|*") as tar:
+        with _open(url) as raw, tarfile.open(fileobj=(stream := CountingReader(raw, stats)), mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -209,7 +216,7 @@ def iter_samples(url: str, stats: ReadStats | None = None) -> Iterator[dict]:
     """
     try:
         with _open(url) as raw:
-            stream = _CountingReader(raw, stats)
+            stream = CountingReader(raw, stats)
             first = stream.read(tarfile.BLOCKSIZE)
             if tarstream.is_tar_header(first):
                 members = tarstream.plain_tar_files(stream, first)

@@ -35,23 +35,6 @@ def _cfg(store: Path, shards, **kw) -> PrecomputeConfig:
     return PrecomputeConfig(store=store, inputs=tuple(str(s) for s in shards), **defaults)
 
 
-class _Counted:
-    """A shard stream that adds the bytes read through it to ``total[0]``."""
-
-    def __init__(self, raw, total: list[int]) -> None:
-        self.raw, self.total = raw, total
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.total[0] += len(data)
-        return data
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.raw.close()
-
     def close(self) -> None:
         self.raw.close()
 
@@ -69,9 +52,9 @@ def test_precompute_reads_each_input_byte_once(tmp_path, make_shards, ray_sessio
     """Input bytes read (the driver's, counted here, plus each worker's, from its done record)
     ÷ input size ≤ 1.05. Listing the shards in the driver first (format 1) made it ~2."""
     shards = make_shards(4, 25)
-    driver = [0]
+    driver = shards_module.ReadStats()
     real_open = shards_module._open
-    monkeypatch.setattr(shards_module, "_open", lambda url: _Counted(real_open(url), driver))
+    monkeypatch.setattr(shards_module, "_open", lambda url: shards_module.CountingReader(real_open(url), driver))
     result = run_precompute(_cfg(tmp_path / "s", shards))
     assert result.rows == 100 and result.shards_run == 4
     records = open_store(tmp_path / "s").teacher("cnn").done_records()
@@ -79,8 +62,8 @@ def test_precompute_reads_each_input_byte_once(tmp_path, make_shards, ray_sessio
     workers = sum(r.extra["input_bytes"] for r in records.values())
     size = sum(p.stat().st_size for p in shards)
     assert workers == sum(_through_end_block(p) for p in shards)  # each worker read its whole shard, once
-    ratio = (driver[0] + workers) / size
-    assert ratio <= 1.05, f"read {driver[0]} bytes in the driver and {workers} in workers for {size} bytes of input"
+    ratio = (driver.bytes_read + workers) / size
+    assert ratio <= 1.05, f"read {driver.bytes_read} bytes in the driver and {workers} in workers for {size} bytes of input"
 
 
 def _spec(name: str = "cnn", fingerprint: str = "sha256:t") -> TeacherSpec:
