@@ -115,6 +115,22 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
     return _masked_mean(per, m) * t * t
 
 
+def _topk_buckets(student_logits, logprobs, ids, residual, mask, temperature):
+    """Shared by :func:`topk_kl` and :func:`taid_topk_kl`: checks, then ``(mask [b, n], T,
+    log q_k [b, n, K], log q_tail [b, n], log p_k [b, n, K], r [b, n])`` with the teacher side
+    detached; masked positions gather ids ``0..K-1`` (any valid id) instead of padding."""
+    b, n, v, m = _check(student_logits, mask)
+    k = logprobs.shape[-1] if logprobs.dim() == 3 else -1
+    _same("logprobs", logprobs, (b, n, k))
+    _same("ids", ids, (b, n, k))
+    _same("residual", residual, (b, n))
+    t = _temperature(temperature)
+    idx = torch.where(m.unsqueeze(-1), ids.long(), torch.arange(k, device=ids.device).expand(b, n, k))
+    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    logq_tail = torch.logsumexp(logq.scatter(-1, idx, _NEG), dim=-1)
+    return m, t, logq.gather(-1, idx), logq_tail, logprobs.detach().float(), residual.detach().float().clamp(min=0.0)
+
+
 def topk_kl(
     student_logits: Tensor,
     logprobs: Tensor,
@@ -141,18 +157,7 @@ def topk_kl(
     Returns:
         [] float, times ``T^2``.
     """
-    b, n, v, m = _check(student_logits, mask)
-    k = logprobs.shape[-1] if logprobs.dim() == 3 else -1
-    _same("logprobs", logprobs, (b, n, k))
-    _same("ids", ids, (b, n, k))
-    _same("residual", residual, (b, n))
-    t = _temperature(temperature)
-    idx = torch.where(m.unsqueeze(-1), ids.long(), torch.arange(k, device=ids.device).expand(b, n, k))
-    logq = F.log_softmax(student_logits.float() / t, dim=-1)
-    logq_k = logq.gather(-1, idx)
-    logq_tail = torch.logsumexp(logq.scatter(-1, idx, _NEG), dim=-1)
-    logp_k = logprobs.detach().float()
-    r = residual.detach().float().clamp(min=0.0)
+    m, t, logq_k, logq_tail, logp_k, r = _topk_buckets(student_logits, logprobs, ids, residual, mask, temperature)
     head = (logp_k.exp() * (logp_k - logq_k)).sum(-1)
     tail = torch.where(r > 0, r * (torch.log(r.clamp(min=1e-30)) - logq_tail), torch.zeros_like(r))
     return _masked_mean(head + tail, m) * t * t
@@ -254,17 +259,10 @@ def taid_topk_kl(
     Returns:
         [] float.
     """
-    b, n, v, m = _check(student_logits, mask)
-    k = logprobs.shape[-1] if logprobs.dim() == 3 else -1
-    _same("logprobs", logprobs, (b, n, k))
-    _same("ids", ids, (b, n, k))
-    _same("residual", residual, (b, n))
-    t, lam = _temperature(temperature), _lam(lam)
-    idx = torch.where(m.unsqueeze(-1), ids.long(), torch.arange(k, device=ids.device).expand(b, n, k))
-    logq = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_qb = torch.cat([logq.gather(-1, idx), torch.logsumexp(logq.scatter(-1, idx, _NEG), dim=-1, keepdim=True)], -1)
-    r = residual.detach().float().clamp(min=0.0).unsqueeze(-1)
-    log_pb = torch.cat([logprobs.detach().float(), torch.log(r.clamp(min=1e-30))], -1)  # [b, n, K + 1]
+    lam = _lam(lam)
+    m, t, logq_k, logq_tail, logp_k, r = _topk_buckets(student_logits, logprobs, ids, residual, mask, temperature)
+    log_qb = torch.cat([logq_k, logq_tail.unsqueeze(-1)], -1)  # [b, n, K + 1]
+    log_pb = torch.cat([logp_k, torch.log(r.clamp(min=1e-30)).unsqueeze(-1)], -1)
     log_target = F.log_softmax((1.0 - lam) * log_qb.detach() + lam * log_pb, dim=-1)
     per = (log_target.exp() * (log_target - log_qb)).sum(-1)
     return _masked_mean(per, m) * t * t
