@@ -79,6 +79,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from quality import welch  # noqa: E402  (the same Welch t as the Fashion-MNIST benchmark)
 
+from kdstore.store.retrieval import label_recall_ndcg  # noqa: E402  (one metric with tests/test_retrieval_distill.py)
+
 TEACHER = "kdstore.pipeline.text_teacher:minilm"
 SEEDS = (0, 1, 2)
 RETRIEVAL_ARMS = ("no_negatives", "mined", "random")
@@ -354,12 +356,7 @@ def retrieval_metrics(queries: np.ndarray, corpus: np.ndarray, labels: np.ndarra
         return np.argsort(-sim, axis=1, kind="stable")[:, :k]
 
     found = top(queries, corpus)
-    rel = labels[found] == labels[:, None]
-    n_rel = np.bincount(labels, minlength=labels.max() + 1)[labels] - 1
-    recall = rel.sum(1) / np.maximum(1, np.minimum(k, n_rel))
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
-    ideal = np.array([discount[: min(k, n)].sum() for n in n_rel])
-    ndcg = (rel * discount).sum(1) / np.maximum(ideal, 1e-9)
+    recall, ndcg, _ = label_recall_ndcg(found, labels, k)
     t_top = top(teacher, teacher)
     knn = np.array([len(set(a) & set(b)) / k for a, b in zip(found, t_top)])
     return {"recall": float(recall.mean()), "ndcg": float(ndcg.mean()), "knn": float(knn.mean())}

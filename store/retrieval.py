@@ -416,3 +416,19 @@ def query(
         if r >= 0 and (include_self or r != self_row)
     ]
     return hits[:k]
+
+
+def label_recall_ndcg(found: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-query retrieval quality with same-label relevance, query ``i`` being document ``i``.
+
+    ``found [n, k]`` int: the corpus rows query ``i`` retrieved (itself excluded), ``labels [n]``
+    int. Returns ``(recall [n], ndcg [n], relevant [n])``: recall@k = relevant found /
+    min(k, relevant), nDCG@k with binary gains, and the number of other documents sharing the
+    query's label (a query with none scores 0; callers decide whether to keep it)."""
+    rel = labels[found] == labels[:, None]
+    n_rel = np.bincount(labels, minlength=labels.max() + 1)[labels] - 1
+    recall = rel.sum(1) / np.maximum(1, np.minimum(k, n_rel))
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.array([discount[: min(k, n)].sum() for n in n_rel])
+    ndcg = (rel * discount).sum(1) / np.maximum(ideal, 1e-9)
+    return recall, ndcg, n_rel

@@ -34,6 +34,7 @@ from torch import nn
 
 from kdstore.store.index import IndexSpec, build_index
 from kdstore.store.mine import MineSpec, mine
+from kdstore.store.retrieval import label_recall_ndcg
 
 pytestmark = pytest.mark.slow
 HELD_OUT = 1000
@@ -120,12 +121,7 @@ def _retrieval(queries: np.ndarray, corpus: np.ndarray, labels: np.ndarray, k: i
     index = build_index(corpus, IndexSpec(kind="flat"))
     _, found = index.search(queries, k + 1)
     rows = np.array([[r for r in f if r != i][:k] for i, f in enumerate(found)])
-    rel = labels[rows] == labels[:, None]
-    n_rel = np.bincount(labels, minlength=labels.max() + 1)[labels] - 1
-    recall = rel.sum(1) / np.maximum(1, np.minimum(k, n_rel))
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
-    ideal = np.array([discount[: min(k, n)].sum() for n in n_rel])
-    ndcg = (rel * discount).sum(1) / np.maximum(ideal, 1e-9)
+    recall, ndcg, n_rel = label_recall_ndcg(rows, labels, k)
     keep = n_rel > 0
     return float(recall[keep].mean()), float(ndcg[keep].mean())
 
