@@ -480,15 +480,15 @@ def _driver_pinned(remote_cls):
 
 def _run_with_actors(cfg, urls, start, fence_token: str, pool: WorkerPool) -> PrecomputeResult:
     label_names, source = input_label_names(urls)
+    warnings: list[str] = []
     try:
         if label_names:  # checked before the plan records the inputs (a refusal leaves no store behind)
             described = pool.describe()
-            check_class_names(described["name"], described["class_names"], label_names, source)
+            warnings = check_class_names(described["name"], described["class_names"], label_names, source)
         store = plan_store(cfg, urls)  # while the actors load the teacher
         described = pool.describe()
     except (RayTaskError, RayActorError) as exc:
         raise _unwrap(exc) from None
-    warnings = check_class_names(described["name"], described["class_names"], label_names, source)
     spec = replace(_teacher_spec(cfg, described), class_names=tuple(described["class_names"]), label_names=label_names)
     _check_teacher(cfg, spec)
     clean_partial(cfg.store, spec.name)
