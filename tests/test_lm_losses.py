@@ -105,6 +105,34 @@ def test_topk_kl_equals_full_kl_when_k_is_v_and_from_stored_fields():
     assert topk_kl(student, stack8["logprobs"], stack8["ids"], stack8["residual"], temperature=t).item() >= 0
 
 
+@pytest.mark.parametrize("own_top", [False, True])
+def test_topk_tail_matches_the_full_vocabulary_form_in_value_and_gradient(own_top):
+    """The O(K) tail (K ids holding <= half the student's mass) and the log-sum-exp over the
+    other ids (a confident student: its own top ids) agree with float64 over the whole row."""
+    g = torch.Generator().manual_seed(1)
+    b, n, v, k = 3, 6, 40, 4
+    student = torch.randn(b, n, v, generator=g) * (4.0 if own_top else 0.5)
+    if own_top:
+        ids = student.topk(k, dim=-1).indices
+    else:
+        ids = torch.rand(b, n, v, generator=g).argsort(-1)[..., :k]
+    logprobs = torch.log_softmax(torch.randn(b, n, v, generator=g), -1).gather(-1, ids)
+    residual = 1 - logprobs.exp().sum(-1)
+    x32 = student.clone().requires_grad_()
+    x64 = student.double().requires_grad_()
+    got = topk_kl(x32, logprobs, ids, residual)
+    logq = F.log_softmax(x64, -1)
+    tail = torch.logsumexp(logq.scatter(-1, ids, -math.inf), -1)
+    p = logprobs.double().exp()
+    ref = ((p * (p.log() - logq.gather(-1, ids))).sum(-1) + residual.double() * (residual.double().log() - tail)).mean()
+    head_mass = logq.gather(-1, ids).exp().sum(-1)
+    assert bool((head_mass > 0.5).any()) == own_top  # each case takes the branch it names
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    (g32,) = torch.autograd.grad(got, x32)
+    (g64,) = torch.autograd.grad(ref, x64)
+    assert torch.allclose(g32.double(), g64, atol=1e-6)
+
+
 def test_sampled_kl_by_hand_ignores_padding():
     q = _softmax(S_ROW)
     ids = torch.tensor([[[2, 0, 0]]])

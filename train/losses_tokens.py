@@ -127,8 +127,29 @@ def _topk_buckets(student_logits, logprobs, ids, residual, mask, temperature):
     t = _temperature(temperature)
     idx = torch.where(m.unsqueeze(-1), ids.long(), torch.arange(k, device=ids.device).expand(b, n, k))
     logq = F.log_softmax(student_logits.float() / t, dim=-1)
-    logq_tail = torch.logsumexp(logq.scatter(-1, idx, _NEG), dim=-1)
-    return m, t, logq.gather(-1, idx), logq_tail, logprobs.detach().float(), residual.detach().float().clamp(min=0.0)
+    logq_k = logq.gather(-1, idx)
+    return m, t, logq_k, _log_tail(logq, logq_k, idx), logprobs.detach().float(), residual.detach().float().clamp(min=0.0)
+
+
+_HALF = math.log(0.5)
+
+
+def _log_tail(logq: Tensor, logq_k: Tensor, idx: Tensor) -> Tensor:
+    """``log(1 - sum_k q_k)`` [b, n]: the student's mass outside the K ids.
+
+    Where the K ids hold at most half the mass, ``log1p(-sum_k q_k)`` is exact to float32 and
+    costs O(K); the other positions (a confident student, where that form would cancel) take
+    a log-sum-exp over the other V - K ids. A full-vocabulary pass over every position made
+    top-k KD 2-4x the cost of CE per step.
+    """
+    head = torch.logsumexp(logq_k, dim=-1)
+    easy = head <= _HALF
+    tail = torch.log1p(-torch.exp(torch.minimum(head, torch.full_like(head, _HALF))))
+    hard = (~easy).nonzero(as_tuple=True)
+    if hard[0].numel():
+        exact = torch.logsumexp(logq[hard].scatter(-1, idx[hard], _NEG), dim=-1)
+        tail = tail.index_put(hard, exact)
+    return tail
 
 
 def topk_kl(
