@@ -281,6 +281,7 @@ def phase_mine(work: Path, kind_text: str, mine_queries: int) -> dict:
                      "batch_rows": spec.batch_rows},
             "search_param": {"nprobe": nprobe} if index.spec.kind in ("ivf", "ivfpq") else
             {"ef_search": index.spec.ef_search},
+            "positive_index_searches": stats.positive_index_searches,
             "positive_fallback_scans": stats.positive_fallback_scans, "without_positive": stats.without_positive,
             "peak_rss_mib": peak_rss_mib(), "load_avg": [round(x, 1) for x in os.getloadavg()]}
 

@@ -40,6 +40,9 @@ def _index_options(fn=None, *, mine: bool = False):
         click.option("--ef-search", type=int, default=d(64), show_default=show, help="[default: 64]" if mine else None),
         click.option("--pq-m", type=int, default=None, help="IVF-PQ sub-quantisers (divides dim) [default: dim/8]."),
         click.option("--pq-nbits", type=int, default=d(8), show_default=show, help="[default: 8]" if mine else None),
+        click.option("--codec", type=click.Choice(["flat", "fp16", "sq8"]), default=None,
+                     help="How IVF stores vectors: flat (float32), fp16 (half the memory and scan time, same recall "
+                          "in benchmarks/scale.py) or sq8 (8-bit scalar quantiser) [default: fp16]."),
         click.option("--train-rows", type=int, default=None, help="Rows sampled to train IVF [default: min(256*nlist, 2^18), at least 39*nlist]."),
         click.option("--index-seed", type=int, default=d(0), show_default=show,
                      help="Seed of the training sample and k-means" + (" [default: 0]." if mine else ".")),
@@ -50,7 +53,7 @@ def _index_options(fn=None, *, mine: bool = False):
 
 
 _OPTION_NAMES = ("kind", "metric", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search", "pq_m", "pq_nbits",
-                 "train_rows", "index_seed")
+                 "codec", "train_rows", "index_seed")
 
 
 def _given_index_options(kw: dict) -> dict:
@@ -65,7 +68,8 @@ def _index_spec(kw: dict):
     return IndexSpec(
         kind=kw.pop("kind"), metric=kw.pop("metric"), nlist=kw.pop("nlist"), nprobe=kw.pop("nprobe"),
         hnsw_m=kw.pop("hnsw_m"), ef_construction=kw.pop("ef_construction"), ef_search=kw.pop("ef_search"),
-        pq_m=kw.pop("pq_m"), pq_nbits=kw.pop("pq_nbits"), train_rows=kw.pop("train_rows"), seed=kw.pop("index_seed"),
+        pq_m=kw.pop("pq_m"), pq_nbits=kw.pop("pq_nbits"), codec=kw.pop("codec"), train_rows=kw.pop("train_rows"),
+        seed=kw.pop("index_seed"),
     )
 
 

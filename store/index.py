@@ -45,6 +45,11 @@ GPU_MAX_K = 2048  # FAISS GPU k-selection limit
 TRAIN_ROWS_CAP = 2**18
 
 Kind = Literal["exact", "flat", "ivf", "hnsw", "ivfpq"]
+# How ``ivf`` stores vectors in its lists: float32 (IndexIVFFlat), float16 or 8-bit scalar
+# quantised (IndexIVFScalarQuantizer, not by residual). Scanning lists is memory-bound, so
+# fp16 halves both the index and the scan time at the same recall (benchmarks/scale.py).
+CODECS = ("flat", "fp16", "sq8")
+Codec = Literal["flat", "fp16", "sq8"]
 Metric = Literal["cosine", "ip", "l2"]
 
 
@@ -112,6 +117,7 @@ class IndexSpec:
     ef_search: int = 64
     pq_m: int | None = None
     pq_nbits: int = 8
+    codec: Codec | None = None
     train_rows: int | None = None
     seed: int = 0
     add_batch_rows: int = 65536
@@ -129,6 +135,10 @@ class IndexSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"index {name} must be a positive integer, got {value!r}")
+        if self.codec is not None and self.codec not in CODECS:
+            raise InputError(f"index codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.codec is not None and self.kind != "ivf":
+            raise InputError(f"index codec applies to kind ivf, not {self.kind}")
         if not 1 <= self.pq_nbits <= 16:
             raise InputError(f"index pq_nbits must be in 1..16, got {self.pq_nbits}")
 
@@ -140,13 +150,13 @@ class IndexSpec:
         if spec.kind in ("ivf", "ivfpq"):
             nlist = spec.nlist
             if nlist is None:
-                target = 4.0 * math.sqrt(num_rows)
+                target = 8.0 * math.sqrt(num_rows)
                 nlist = 2 ** max(0, round(math.log2(target)))
                 while nlist > 1 and nlist * 39 > num_rows:
                     nlist //= 2
             if nlist > num_rows:
                 raise InputError(f"index nlist={nlist} exceeds the {num_rows} rows to index")
-            nprobe = spec.nprobe if spec.nprobe is not None else max(8, min(nlist // 16, 32), nlist // 32)
+            nprobe = spec.nprobe if spec.nprobe is not None else max(8, min(nlist // 16, 32), nlist // 128)
             pq_m = spec.pq_m
             if spec.kind == "ivfpq":
                 if pq_m is None:
@@ -158,7 +168,9 @@ class IndexSpec:
                 train_rows = max(min(256 * nlist, TRAIN_ROWS_CAP), 39 * nlist)
                 if spec.kind == "ivfpq":
                     train_rows = max(train_rows, 64 * 2**spec.pq_nbits)
-            spec = replace(spec, nlist=nlist, nprobe=min(nprobe, nlist), pq_m=pq_m, train_rows=min(train_rows, num_rows))
+            codec = (spec.codec or "fp16") if spec.kind == "ivf" else None
+            spec = replace(spec, nlist=nlist, nprobe=min(nprobe, nlist), pq_m=pq_m, codec=codec,
+                           train_rows=min(train_rows, num_rows))
         return spec
 
 
@@ -189,8 +201,11 @@ def _new_cpu_index(spec: IndexSpec, dim: int) -> Any:
         index.hnsw.efConstruction = spec.ef_construction
         return index
     quantizer = faiss.IndexFlatL2(dim) if spec.metric == "l2" else faiss.IndexFlatIP(dim)
-    if spec.kind == "ivf":
+    if spec.kind == "ivf" and spec.codec in (None, "flat"):
         index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, mt)
+    elif spec.kind == "ivf":
+        qtype = faiss.ScalarQuantizer.QT_fp16 if spec.codec == "fp16" else faiss.ScalarQuantizer.QT_8bit
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, spec.nlist, qtype, mt, False)
     else:
         index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, spec.pq_m, spec.pq_nbits, mt)
         index.pq.cp.seed = spec.seed
@@ -288,6 +303,34 @@ class VectorIndex:
         if x.shape[1] != self.dim:
             raise InputError(f"queries have dimension {x.shape[1]}, the index has {self.dim}")
         distances, positions = self.index.search(x, k)
+        return self._rows_and_scores(distances, positions)
+
+    def search_among(self, queries: Any, k: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`search` restricted to the index positions ``positions`` (FAISS ``IDSelectorBitmap``).
+
+        Exact among them for ``flat``; as approximate as :meth:`search` for ivf/ivfpq (the same
+        nprobe lists) and hnsw (the same efSearch; a narrow subset may return fewer than k).
+        None on GPU, where FAISS has no selectors: callers fall back to their own scan.
+        """
+        if self.on_gpu:
+            return None
+        faiss = _faiss()
+        bits = np.zeros(self.ntotal, dtype=bool)
+        bits[np.asarray(positions, dtype=np.int64)] = True
+        bitmap = np.packbits(bits, bitorder="little")
+        sel = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
+        if self.spec.kind in ("ivf", "ivfpq"):
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=int(self.spec.nprobe))
+        elif self.spec.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=int(self.spec.ef_search))
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        x = prepare_vectors(queries, self.metric)
+        distances, found = self.index.search(x, k, params=params)
+        del bitmap  # the selector points into it until the search returns
+        return self._rows_and_scores(distances, found)
+
+    def _rows_and_scores(self, distances: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         missing = positions < 0
         scores = -distances if self.metric == "l2" else distances
         scores = np.where(missing, -np.inf, scores).astype(np.float32, copy=False)
@@ -449,7 +492,10 @@ def load_index(path: str | os.PathLike[str], *, mmap: bool = False, use_gpu: boo
         row_ids = np.arange(int(ids.get("start", 0)), int(ids.get("stop", meta["ntotal"])), dtype=np.int64)
     if len(row_ids) != int(meta["ntotal"]):
         raise StoreCorruptError(f"{path}: row id map has {len(row_ids)} entries for {meta['ntotal']} vectors")
-    spec = IndexSpec(kind=meta["kind"], metric=meta["metric"], **meta["params"])
+    params = dict(meta["params"])
+    if meta["kind"] == "ivf" and params.get("codec") is None:
+        params["codec"] = "flat"  # written before codecs existed: IndexIVFFlat
+    spec = IndexSpec(kind=meta["kind"], metric=meta["metric"], **params)
     on_gpu = (gpu_available() if use_gpu is None else use_gpu) and spec.kind != "hnsw"
     if on_gpu:
         index = _to_gpu(index, spec)
@@ -467,7 +513,7 @@ def load_index(path: str | os.PathLike[str], *, mmap: bool = False, use_gpu: boo
 OPTION_KINDS: dict[str, tuple[str, ...]] = {
     "nlist": ("ivf", "ivfpq"), "nprobe": ("ivf", "ivfpq"), "train_rows": ("ivf", "ivfpq"), "seed": ("ivf", "ivfpq"),
     "hnsw_m": ("hnsw",), "ef_construction": ("hnsw",), "ef_search": ("hnsw",),
-    "pq_m": ("ivfpq",), "pq_nbits": ("ivfpq",), "add_batch_rows": KINDS,
+    "pq_m": ("ivfpq",), "pq_nbits": ("ivfpq",), "codec": ("ivf",), "add_batch_rows": KINDS,
 }
 SEARCH_OPTIONS = ("nprobe", "ef_search")
 

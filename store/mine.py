@@ -9,7 +9,10 @@ Per query row ``q`` (all scores from the index's metric, larger = closer):
 
 1. **Neighbour list**: the index's nearest rows to ``q``, ``q`` itself left out.
 2. **Positive**: ``positive="label"``: the nearest row with ``q``'s label (the first one in
-   the neighbour list, else an exact scan over that label's indexed rows); ``"pairs"``: the
+   the neighbour list, else the nearest an index search restricted to that label's rows
+   finds (FAISS ``IDSelectorBitmap``: exact for ``flat``, approximate like the neighbour list
+   for ivf/hnsw), else, when that finds none or the index cannot restrict (GPU, ``exact``),
+   an exact scan over the label's indexed rows read from the store); ``"pairs"``: the
    given ``positive_rows[q]``; ``"none"``. Rows with label -1 or no such row get
    ``positive_row = -1``, ``positive_score = NaN``.
 3. **Pool**: the first ``range_max + P`` rows of the neighbour list (``P`` = 1 when positives
@@ -125,7 +128,8 @@ class MineStats:
     candidates: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     without_positive: int = 0
-    positive_fallback_scans: int = 0
+    positive_index_searches: int = 0  # positives found by a label-restricted index search
+    positive_fallback_scans: int = 0  # positives found by an exact scan of the label's rows
     short_rows: int = 0  # rows that got fewer than num_negatives
     negatives: int = 0
     seconds: float = 0.0
@@ -175,12 +179,19 @@ class _LabelGroups:
     def __init__(self, labels: np.ndarray, indexed_rows: np.ndarray) -> None:
         lab = labels[indexed_rows]
         order = np.argsort(lab, kind="stable")
+        self.positions = order  # index positions, grouped by label
         self.rows = indexed_rows[order]
         self.sorted_labels = lab[order]
 
-    def members(self, label: int) -> np.ndarray:
+    def _span(self, label: int) -> slice:
         lo, hi = np.searchsorted(self.sorted_labels, [label, label + 1])
-        return self.rows[lo:hi]
+        return slice(int(lo), int(hi))
+
+    def members(self, label: int) -> np.ndarray:
+        return self.rows[self._span(label)]
+
+    def member_positions(self, label: int) -> np.ndarray:
+        return self.positions[self._span(label)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,8 +251,23 @@ class _Miner:
     def _read(self, rows: np.ndarray) -> np.ndarray:
         return prepare_vectors(self.vectors[rows], self.metric)
 
+    def _indexed_positives(self, label: int, q_rows: np.ndarray, q_vecs: np.ndarray) -> np.ndarray | None:
+        """Nearest row with ``label`` per query (not the query itself) by an index search restricted
+        to the label's rows; -1 where it finds none; None when the index cannot restrict (GPU, exact)."""
+        among = getattr(self.index, "search_among", None)
+        if among is None:
+            return None
+        found = among(q_vecs, 2, self.groups.member_positions(label))  # 2: the query row itself is a member
+        if found is None:
+            return None
+        _, rows = found
+        ok = (rows >= 0) & (rows != q_rows[:, None])
+        first = ok.argmax(1)
+        return np.where(ok.any(1), rows[np.arange(len(q_rows)), first], -1)
+
     def _label_positives(self, q_rows, q_vecs, q_labels, rows, valid):
-        """First same-label row in the neighbour list; exact scan of the label's rows otherwise."""
+        """First same-label row in the neighbour list; else the nearest the index finds among the
+        label's rows (a restricted search); else an exact scan of the label's rows."""
         b = len(q_rows)
         same = valid & (self.labels[np.where(rows >= 0, rows, 0)] == q_labels[:, None]) & (q_labels[:, None] >= 0)
         has = same.any(1)
@@ -250,6 +276,13 @@ class _Miner:
         need = np.nonzero(~has & (q_labels >= 0))[0]
         for label in np.unique(q_labels[need]):
             qi = need[q_labels[need] == label]
+            found = self._indexed_positives(int(label), q_rows[qi], q_vecs[qi])
+            if found is not None:
+                pos[qi] = found
+                self.stats.positive_index_searches += len(qi)
+                qi = qi[found < 0]
+                if not len(qi):
+                    continue
             members = self.groups.members(int(label))
             best_score = np.full(len(qi), -np.inf, dtype=np.float32)
             best_row = np.full(len(qi), -1, dtype=np.int64)

@@ -345,9 +345,10 @@ def mine_store(
         raise InputError(f"store {s.path} has no labels: use --positive none or --positive pairs")
     name = name or (teacher if field == "embedding" else f"{teacher}.{field}")
     path = negatives_path(s, name)
-    # FAISS kinds (large stores): query batches, positives and candidates read from the store.
-    # exact (at most EXACT_MAX_ROWS rows by default): the field in memory, because label-positive
-    # fallback scans re-read each label's rows per query batch, slow through Zarr chunks.
+    # FAISS kinds (large stores): query batches and positives read from the store; a positive
+    # missing from the neighbour list comes from a label-restricted index search (store scans
+    # only where that finds none). exact (at most EXACT_MAX_ROWS rows by default): the field in
+    # memory, because its label-positive scans re-read each label's rows per query batch.
     t = s.teacher(teacher)
     vectors = t.read(field) if index.spec.kind == "exact" else StoreField(t, field)
     stats = write_negatives(

@@ -101,7 +101,7 @@ def test_batched_add_and_seeded_training_are_reproducible(clustered):
 
 
 def test_search_params_change_results_and_persist(tmp_path, clustered):
-    index = build_index(clustered, IndexSpec(kind="ivf", nlist=32, nprobe=1))
+    index = build_index(clustered, IndexSpec(kind="ivf", nlist=32, nprobe=1, codec="flat"))
     flat_rows = _brute(clustered, clustered[:200], "cosine", 10)[1]
 
     def recall(ix):
@@ -112,6 +112,34 @@ def test_search_params_change_results_and_persist(tmp_path, clustered):
     index.set_search_params(nprobe=32)
     assert recall(index) == 1.0 > low
     assert load_index(index.save(tmp_path / "i.faiss")).spec.nprobe == 32
+
+
+def test_ivf_codecs_shrink_the_index_and_persist(tmp_path, clustered):
+    truth = _brute(clustered, clustered[:200], "cosine", 10)[1]
+    sizes, recalls = {}, {}
+    for codec in ("flat", "fp16", "sq8"):
+        index = build_index(clustered, IndexSpec(kind="ivf", nlist=16, nprobe=16, codec=codec))
+        path = index.save(tmp_path / f"{codec}.faiss")
+        loaded = load_index(path)
+        assert loaded.spec.codec == codec
+        rows = loaded.search(clustered[:200], 10)[1]
+        recalls[codec] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)])
+        sizes[codec] = path.stat().st_size
+    assert recalls["flat"] == 1.0 and recalls["fp16"] >= 0.99 and recalls["sq8"] >= 0.9
+    vectors = clustered.shape[0] * clustered.shape[1]  # bytes per component: 4, 2, 1 (+ ids, centroids)
+    assert sizes["flat"] - sizes["fp16"] == pytest.approx(2 * vectors, rel=0.01)
+    assert sizes["fp16"] - sizes["sq8"] == pytest.approx(vectors, rel=0.05)
+    assert IndexSpec(kind="ivf").resolved(10_000, 8).codec == "fp16"  # the default
+    with pytest.raises(InputError, match="codec applies to kind ivf"):
+        IndexSpec(kind="hnsw", codec="fp16")
+    with pytest.raises(InputError, match="codec must be one of"):
+        IndexSpec(kind="ivf", codec="int4")
+    # an index written before codecs existed (no codec in its record) is IVF-Flat
+    meta_path = tmp_path / "flat.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["params"]["codec"]
+    meta_path.write_text(json.dumps(meta))
+    assert load_index(tmp_path / "flat.faiss").spec.codec == "flat"
 
 
 def test_default_parameters_follow_row_count():

@@ -245,3 +245,41 @@ def test_approximate_indexes_mostly_agree_with_flat(data, kind):
         xs = x / np.linalg.norm(x, axis=1, keepdims=True)
         for q, negs, scores in zip(range(N), b, got.column("negative_scores").to_pylist()):
             np.testing.assert_allclose(scores, xs[negs] @ xs[q], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_label_positives_missing_from_the_neighbour_list_come_from_a_restricted_search(kind):
+    """Many labels and a short pool: most positives are not among the neighbours. The
+    label-restricted index search finds the nearest same-label row (exactly, for flat and for
+    IVF probing every list), without reading the store; a label with one row still gets none."""
+    from kdstore.store.mine import MineStats
+
+    rng = np.random.default_rng(4)
+    n = 400
+    x = rng.standard_normal((n, D)).astype(np.float32)
+    labels = rng.integers(0, 40, n).astype(np.int64)
+    labels[11] = 1000  # alone in its label
+    spec = MineSpec(num_negatives=2, range_max=3)
+    xs = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = xs @ xs.T
+    np.fill_diagonal(s, -np.inf)
+    same = labels[:, None] == labels[None, :]
+    want = np.where(same.any(1) & (np.where(same, s, -np.inf).max(1) > -np.inf), np.where(same, s, -np.inf).argmax(1), -1)
+    want[11] = -1
+    params = {"flat": {}, "ivf": {"nlist": 8, "nprobe": 8, "codec": "flat"}, "hnsw": {"ef_search": 400}}[kind]
+    index = build_index(x, IndexSpec(kind=kind, **params))
+    stats = MineStats()
+    got = mine(index, x, spec, labels=labels, stats=stats, progress=False).column("positive_row").to_numpy()
+    assert stats.positive_index_searches > n // 2  # most positives came from the restricted search
+    assert stats.positive_fallback_scans == 1  # row 11 only: the search found nothing for it
+    if kind == "hnsw":  # approximate: nearly always the nearest
+        assert (got == want).mean() > 0.95
+    else:
+        np.testing.assert_array_equal(got, want)
+    # an index that cannot restrict its search (FAISS on GPU) scans the store instead: same positives
+    index.on_gpu = True
+    stats = MineStats()
+    scanned = mine(index, x, spec, labels=labels, stats=stats, progress=False).column("positive_row").to_numpy()
+    assert stats.positive_index_searches == 0 and stats.positive_fallback_scans > n // 2
+    if kind != "hnsw":
+        np.testing.assert_array_equal(scanned, want)
