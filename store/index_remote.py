@@ -10,7 +10,9 @@ FAISS reads and writes local files (or bytes), so an index under ``s3://.../inde
   ``$KDSTORE_CACHE/index/<sha256 of the .json>/`` (default ``~/.cache/kdstore``); the copy is
   checked against the recorded sha256, and later loads (``kdstore query`` again, ``mine``)
   read it from there (``mmap`` works on it). A rebuilt index has another ``.json``, hence
-  another cache folder: a stale copy is never used. Old folders are not removed.
+  another cache folder: a stale copy is never used. Each folder names its source in
+  ``source.txt``; caching a new record removes the older folders of the same source (a
+  process that has the old copy open or mapped keeps reading it: POSIX unlinks only the name).
 
 A reader that fetches while a rebuild uploads may pair a new ``.json`` with the old
 ``.faiss``: the sha256 check refuses it (StoreCorruptError: rerun).
@@ -69,6 +71,8 @@ def fetch(path: UPath) -> Path:
         if "file" in meta.get("row_ids", {}):
             rows = path.with_suffix(".rows.npy")
             rows.fs.get_file(rows.path, str(part.with_suffix(".rows.npy")))
+        source = str(path)
+        (tmp / SOURCE_FILE).write_text(source)
         part.with_suffix(".json").write_bytes(record)  # the record last: a complete copy
         try:
             os.rename(tmp, folder)
@@ -76,4 +80,21 @@ def fetch(path: UPath) -> Path:
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _remove_superseded(folder, source)
     return local
+
+
+SOURCE_FILE = "source.txt"
+
+
+def _remove_superseded(keep: Path, source: str) -> None:
+    """Delete the other cache folders holding an older record of ``source``."""
+    for other in keep.parent.iterdir():
+        marker = other / SOURCE_FILE
+        if other == keep or other.name.startswith(".") or not marker.is_file():
+            continue
+        try:
+            if marker.read_text() == source:
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:  # removed by another process meanwhile
+            continue

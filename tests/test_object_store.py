@@ -337,7 +337,9 @@ def test_a_changed_remote_index_is_fetched_again_and_a_torn_one_refused(stores, 
     assert isinstance(path, UPath) and open_store_index(remote, "cnn").spec.kind == "flat"
     hnsw, _ = build_store_index(remote, "cnn", "embedding", IndexSpec(kind="hnsw"), progress=False)
     assert open_store_index(remote, "cnn").spec.kind == "hnsw"  # a new record: not the cached flat copy
-    assert len(list((tmp_path / "cache" / "index").iterdir())) == 2
+    cached = list((tmp_path / "cache" / "index").iterdir())
+    assert len(cached) == 1 and (cached[0] / "cnn.embedding.faiss").is_file()  # the flat copy was removed
+    assert (cached[0] / "source.txt").read_text().endswith("cnn.embedding.faiss")
     # a .faiss replaced under its record (a rebuild caught half way) is refused, not served
     other = layout.index_path(layout.root_of(remote), "cnn", "embedding")
     other.fs.pipe_file(other.path, b"not the indexed file")
