@@ -33,6 +33,7 @@ from kdstore.pipeline.actor_pool import WorkerPool, _unwrap, shard_lost
 from kdstore.pipeline.augment import AugmentSpec
 from kdstore.pipeline.ingest import CLASSES as CLASSES_FILE
 from kdstore.pipeline.teacher import TeacherLoad, load_factory
+from kdstore.pipeline.token_reduce import SAMPLER
 from kdstore.pipeline.transform import TransformSpec
 from kdstore.pipeline.worker import ShardProcessor
 from kdstore.store import layout
@@ -286,17 +287,19 @@ def check_class_names(teacher: str, class_names: Sequence[str], label_names: Seq
 
 
 def _teacher_spec(cfg: PrecomputeConfig, described: dict) -> TeacherSpec:
+    outputs = tuple(OutputSpec.parse(o) for o in cfg.outputs)
     return TeacherSpec(
         name=described["name"],
         fingerprint=described["fingerprint"],
         factory=cfg.teacher.factory,
         input_key=described["input_key"],
-        outputs=tuple(OutputSpec.parse(o) for o in cfg.outputs),
+        outputs=outputs,
         temperature=cfg.temperature,
         dtype=cfg.dtype,
         views=cfg.views,
         augment=AugmentSpec.parse(cfg.augment).to_text(),
         transform=TransformSpec.parse(cfg.transform).to_text(),
+        sampler=SAMPLER if any(o.token_reduce == "sample" for o in outputs) else "",
         seed=cfg.seed,
         layers=cfg.teacher.layers,
         factory_args=json.loads(json.dumps(dict(cfg.teacher.kwargs), default=str)),  # as recorded in JSON
@@ -310,7 +313,7 @@ def _check_teacher(cfg: PrecomputeConfig, spec: TeacherSpec) -> None:
         diff = old.differences(spec)
         if diff and not cfg.overwrite:
             doc_old, doc_new = old.to_json(), spec.to_json()
-            details = "; ".join(f"{k}: stored {doc_old[k]!r}, now {doc_new[k]!r}" for k in diff)
+            details = "; ".join(f"{k}: stored {doc_old.get(k, '')!r}, now {doc_new.get(k, '')!r}" for k in diff)
             raise StoreMismatchError(
                 f"teacher {spec.name!r} in {cfg.store} was precomputed differently ({details}); "
                 "use another --teacher-name, or --overwrite to recompute it"

@@ -12,7 +12,9 @@ Input is one sample's teacher logits ``[n, V]`` (position t scores the token at 
   ``counts / S`` is an unbiased estimate of the teacher distribution. The draws of position
   t of sample ``key`` come from a counter-based generator (Philox4x32-10, keyed by
   ``(seed, key)``, counter = (draw block, t)) evaluated for all positions at once, so they
-  depend on ``(seed, key, t)`` only: not on batch composition, order or device.
+  depend on ``(seed, key, t)`` only: not on batch composition, order or device. teacher.json
+  records :data:`SAMPLER`; an earlier sampler (one numpy Philox stream per position, keyed by
+  a sha256, no record) drew other ids, and precompute refuses to resume across the change.
 
 :func:`bytes_per_token` reports the storage of either result from its arrays.
 """
@@ -27,6 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from kdstore.store.errors import InputError, TeacherOutputError
+
+# Names the generator and layout of the sample:S draws, recorded in teacher.json; change it
+# whenever the same (seed, key, position) would draw other ids.
+SAMPLER = "philox4x32-10/key=(seed,key)/counter=(block,position)"
 from kdstore.store.schema import (
     TOKENS_SAMPLE_COUNTS,
     TOKENS_SAMPLE_IDS,

@@ -23,7 +23,7 @@ import zarr
 from kdstore.store import layout, listing
 from kdstore.store.atomic import read_json
 from kdstore.store.errors import InputError, StoreCorruptError
-from kdstore.store.fs import read_parquet, remote_errors, zarr_store
+from kdstore.store.fs import open_zarr_group, read_parquet, remote_errors
 from kdstore.store.layout import SAMPLES_FILE, STORE_FILE, VALID_ARRAY, VIEWS_ARRAY
 from kdstore.store.schema import (
     DoneRecord, FieldSpec, ShardInfo, StoreManifest, TeacherSpec, check_format_version,
@@ -83,7 +83,7 @@ class TeacherData:
                 f"teacher {self.name}: shard {shard_index} ({self.store.shard_url(shard_index)}) is not finished; "
                 "rerun precompute to complete it"
             )
-        return zarr.open_group(zarr_store(path, read_only=True), mode="r")
+        return open_zarr_group(path)
 
     def _check_field(self, field: str) -> None:
         if field not in self.fields and field not in (VALID_ARRAY, VIEWS_ARRAY):

@@ -273,6 +273,10 @@ class TeacherSpec:
     layers: tuple[str, ...] = ()
     factory_args: dict[str, Any] = field(default_factory=dict)
     transform: str = ""  # image preprocessing before the teacher (kdstore.pipeline.transform); "" = none
+    # The generator behind ``tokens:sample:S`` draws (kdstore.pipeline.token_reduce.SAMPLER);
+    # "" without sample outputs, and in stores written before it was recorded. Compared: a
+    # resumed precompute must not mix the draws of two samplers.
+    sampler: str = ""
     # Recorded, never compared: the class names the teacher declares (``class_names``; logit i is
     # class_names[i]) and the inputs' label names at precompute (their classes.json; label id i).
     class_names: tuple[str, ...] = ()
@@ -291,6 +295,8 @@ class TeacherSpec:
         doc["layers"] = list(self.layers)
         doc["class_names"] = list(self.class_names)
         doc["label_names"] = list(self.label_names)
+        if not self.sampler:
+            del doc["sampler"]
         return doc
 
     def fields(self) -> list[str]:
@@ -326,6 +332,7 @@ class TeacherSpec:
             layers=tuple(doc.get("layers", ())),
             factory_args=dict(doc.get("factory_args", {})),
             transform=doc.get("transform", ""),
+            sampler=doc.get("sampler", ""),
             class_names=tuple(doc.get("class_names", ())),
             label_names=tuple(doc.get("label_names", ())),
         )
@@ -338,7 +345,8 @@ class TeacherSpec:
         Teacher whose outputs depend on an argument folds it into its fingerprint (the
         MiniLM teacher does so with ``max_seq_length``).
         """
-        keys = ("fingerprint", "input_key", "outputs", "temperature", "dtype", "views", "augment", "seed", "transform")
+        keys = ("fingerprint", "input_key", "outputs", "temperature", "dtype", "views", "augment", "seed", "transform",
+                "sampler")
         return [k for k in keys if getattr(self, k) != getattr(other, k)]
 
 

@@ -6,10 +6,9 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import zarr
 
 from kdstore.store import layout
-from kdstore.store.fs import zarr_store
+from kdstore.store.fs import open_zarr_group
 from kdstore.store.inputs import input_problems, shard_urls
 from kdstore.store.reader import Store
 from kdstore.store.schema import ShardInfo
@@ -30,7 +29,7 @@ class VerifyReport:
 def _check_shard_fields(store: Store, name: str, shard: ShardInfo, record) -> Iterable[str]:
     path = layout.shard_array_path(store.path, name, shard.index)
     try:
-        group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
+        group = open_zarr_group(path)
     except Exception as exc:  # zarr raises many types for a damaged group
         yield f"teacher {name} shard {shard.index} ({shard.url}): arrays unreadable ({exc})"
         return
@@ -157,7 +156,7 @@ def summarize(store: Store) -> dict:
 
 def _num_tokens(store: Store, teacher: str, field: str, shard: int) -> int:
     """Positions stored in one finished shard of a per-token field (its last offset)."""
-    group = zarr.open_group(str(layout.shard_array_path(store.path, teacher, shard)), mode="r")
+    group = open_zarr_group(layout.shard_array_path(store.path, teacher, shard))
     offsets = group[layout.offsets_name(field)]
     return int(offsets[offsets.shape[0] - 1]) if offsets.shape[0] else 0
 

@@ -137,3 +137,21 @@ def test_token_outputs_equal_direct_forward_across_shards_and_resume(lm, tmp_pat
     for row in got:
         for f in got[row]:
             np.testing.assert_array_equal(again[row][f], got[row][f])
+
+    # the sampler is recorded; a store whose draws came from another (or an unrecorded) sampler
+    # is not resumed into: its shards would mix two generators' draws
+    from kdstore.pipeline.token_reduce import SAMPLER
+
+    path = layout.teacher_file(store.path, "gpt")
+    doc = json.loads(path.read_text())
+    assert doc["sampler"] == SAMPLER
+    del doc["sampler"]
+    path.write_text(json.dumps(doc))
+    (layout.done_path(store.path, "gpt", 1)).unlink()
+    args = ["precompute", "--store", str(tmp_path / "store"), "--teacher", "kdstore.pipeline.lm_teacher:gpt",
+            "--teacher-arg", f"path={teacher_dir}", "--teacher-name", "gpt", "--temperature", str(T), "--seed", str(SEED),
+            "--workers", "1", "--no-progress", *[a for o in OUTPUTS for a in ("--output", o)],
+            *[a for t in tars for a in ("--inputs", str(t))]]
+    refused = CliRunner().invoke(main, args)
+    said = refused.output + refused.stderr
+    assert refused.exit_code == 2 and f"sampler: stored '', now {SAMPLER!r}" in said, said
