@@ -34,15 +34,16 @@ def _index_options(fn=None, *, mine: bool = False):
         click.option("--metric", type=click.Choice(["cosine", "ip", "l2"]), default=d("cosine"), show_default=show,
                      help="[default: cosine]" if mine else None),
         click.option("--nlist", type=int, default=None, help="IVF lists [default: power of two nearest 8*sqrt(rows), at most rows/39]."),
-        click.option("--nprobe", type=int, default=None, help="IVF lists searched [default: max(8, min(nlist/16, 32), nlist/128)]."),
+        click.option("--nprobe", type=int, default=None, help="IVF lists searched [default: max(8, min(nlist/16, 32), nlist/64)]."),
         click.option("--hnsw-m", type=int, default=d(32), show_default=show, help="HNSW links per node" + (" [default: 32]." if mine else ".")),
         click.option("--ef-construction", type=int, default=d(40), show_default=show, help="[default: 40]" if mine else None),
         click.option("--ef-search", type=int, default=d(64), show_default=show, help="[default: 64]" if mine else None),
         click.option("--pq-m", type=int, default=None, help="IVF-PQ sub-quantisers (divides dim) [default: dim/8]."),
         click.option("--pq-nbits", type=int, default=d(8), show_default=show, help="[default: 8]" if mine else None),
-        click.option("--codec", type=click.Choice(["flat", "fp16", "sq8"]), default=None,
-                     help="How IVF stores vectors: flat (float32), fp16 (half the memory and scan time, same recall "
-                          "in benchmarks/scale.py) or sq8 (8-bit scalar quantiser) [default: fp16]."),
+        click.option("--codec", type=click.Choice(["flat", "fp16", "sq8", "fastscan"]), default=None,
+                     help="How IVF stores vectors: flat (float32), fp16 (half the memory), sq8 (8-bit scalar "
+                          "quantiser), fastscan (4-bit PQ codes scanned with SIMD, top candidates re-ranked on fp16 "
+                          "vectors; CPU only) [default: fastscan; fp16 when FAISS sees a GPU]."),
         click.option("--train-rows", type=int, default=None, help="Rows sampled to train IVF [default: min(256*nlist, 2^18), at least 39*nlist]."),
         click.option("--index-seed", type=int, default=d(0), show_default=show,
                      help="Seed of the training sample and k-means" + (" [default: 0]." if mine else ".")),

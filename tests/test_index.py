@@ -117,7 +117,7 @@ def test_search_params_change_results_and_persist(tmp_path, clustered):
 def test_ivf_codecs_shrink_the_index_and_persist(tmp_path, clustered):
     truth = _brute(clustered, clustered[:200], "cosine", 10)[1]
     sizes, recalls = {}, {}
-    for codec in ("flat", "fp16", "sq8"):
+    for codec in ("flat", "fp16", "sq8", "fastscan"):
         index = build_index(clustered, IndexSpec(kind="ivf", nlist=16, nprobe=16, codec=codec))
         path = index.save(tmp_path / f"{codec}.faiss")
         loaded = load_index(path)
@@ -125,11 +125,16 @@ def test_ivf_codecs_shrink_the_index_and_persist(tmp_path, clustered):
         rows = loaded.search(clustered[:200], 10)[1]
         recalls[codec] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)])
         sizes[codec] = path.stat().st_size
-    assert recalls["flat"] == 1.0 and recalls["fp16"] >= 0.99 and recalls["sq8"] >= 0.9
+    # fastscan re-ranks the best 8k of its 4-bit scores: inside these tight synthetic clusters that
+    # pool misses a few true neighbours (real MiniLM vectors at 10^6 rows lose none: benchmarks/scale.py)
+    assert recalls["flat"] == 1.0 and recalls["fp16"] >= 0.99 and recalls["sq8"] >= 0.9 and recalls["fastscan"] >= 0.95
     vectors = clustered.shape[0] * clustered.shape[1]  # bytes per component: 4, 2, 1 (+ ids, centroids)
     assert sizes["flat"] - sizes["fp16"] == pytest.approx(2 * vectors, rel=0.01)
     assert sizes["fp16"] - sizes["sq8"] == pytest.approx(vectors, rel=0.05)
-    assert IndexSpec(kind="ivf").resolved(10_000, 8).codec == "fp16"  # the default
+    # fastscan: 4-bit codes (d/2 sub-quantisers: d/4 bytes a row, lists padded to blocks of 32
+    # rows) and the PQ tables beside the fp16 re-ranking copy
+    assert vectors / 4 <= sizes["fastscan"] - sizes["fp16"] <= vectors / 2
+    assert IndexSpec(kind="ivf").resolved(10_000, 8).codec == "fastscan"  # the default on a CPU
     with pytest.raises(InputError, match="codec applies to kind ivf"):
         IndexSpec(kind="hnsw", codec="fp16")
     with pytest.raises(InputError, match="codec must be one of"):
