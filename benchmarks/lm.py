@@ -80,6 +80,34 @@ def _config(args, store_path: Path, out: Path, loss: list[dict], seed: int, step
 
 def _run(name: str, args, store_path: Path, seed: int, steps_per_epoch: int, teacher) -> dict:
     out = args.out / "runs" / f"{name}-s{seed}"
+    loss, online = _variant(name, args, teacher)
+    s = run_lm(_config(args, store_path, out, loss, seed, steps_per_epoch), overwrite=True, online_term=online)
+    return {"seconds": s["seconds"], "steps": s["steps"], "epochs": s["epochs"], **s["eval"],
+            **({"taid_lambda_end": s["taid_lambda"]} if name == "taid" else {})}
+
+
+def step_times(args, store_path: Path, teacher, steps: int, rounds: int = 2) -> dict:
+    """Seconds per optimizer step of each variant: ``steps`` steps (no evaluation), the variants in
+    alternating order over ``rounds`` rounds, one process; median ms/step and store ÷ online."""
+    per: dict[str, list[float]] = {name: [] for name in ORDER}
+    for i in range(rounds):
+        for name in ORDER if i % 2 == 0 else ORDER[::-1]:
+            loss, online = _variant(name, args, teacher)
+            cfg = _config(args, store_path, args.out / "step_times" / name, loss, 0, steps)
+            cfg = parse_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "steps": steps},
+                                "data": {**cfg.to_dict()["data"], "eval_shards": []}})
+            s = run_lm(cfg, overwrite=True, online_term=online)
+            per[name].append(1000 * s["seconds"] / s["steps"])
+            print(f"round {i} {name:10s} {per[name][-1]:.0f} ms/step", flush=True)
+    med = {n: statistics.median(v) for n, v in per.items()}
+    return {"steps": steps, "rounds": rounds, "ms_per_step": per, "median_ms_per_step": med,
+            "store_over_online": {n: round(med[n] / med["online_kd"], 3) for n in STORE_VARIANTS},
+            "over_ce_only": {n: round(med[n] / med["ce"], 3) for n in ORDER},
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _variant(name: str, args, teacher) -> tuple[list[dict], object]:
+    """The loss terms of variant ``name`` and its online term (None unless ``online_kd``)."""
     online = None
     if name == "ce":
         loss = [{"kind": "token_ce"}]
@@ -95,9 +123,7 @@ def _run(name: str, args, store_path: Path, seed: int, steps_per_epoch: int, tea
         if name == "topk8" and args.topk8_precompute:
             term = {"kind": "token_topk_kd", "teacher": "gpt8"}
         loss = [{"kind": "token_ce", "weight": args.ce_weight}, term]
-    s = run_lm(_config(args, store_path, out, loss, seed, steps_per_epoch), overwrite=True, online_term=online)
-    return {"seconds": s["seconds"], "steps": s["steps"], "epochs": s["epochs"], **s["eval"],
-            **({"taid_lambda_end": s["taid_lambda"]} if name == "taid" else {})}
+    return loss, online
 
 
 def _stats(values: list[float]) -> dict:
@@ -133,11 +159,30 @@ def main_(argv=None) -> dict:
     p.add_argument("--reuse-store", action="store_true", help="skip lm-shards / precompute: the store in --out exists")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="only merge per-seed result files (runs of this script with one --seeds each) into --result")
+    p.add_argument("--reeval", type=Path, default=None,
+                   help="only evaluate the students a finished run saved under --out again (metrics added since) and "
+                        "rewrite this report (a --result or --merge output) into --result")
+    p.add_argument("--step-times", type=int, default=0, metavar="STEPS",
+                   help="only time STEPS optimizer steps of each variant on the store in --out (alternating order, 2 "
+                        "rounds, one process; a quiet machine gives the store / online cost ratio) into --result")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a check that it runs, not a measurement)")
     p.add_argument("--result", type=Path, default=Path(__file__).parent / "results" / "lm.json")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.result)
+    if args.reeval:
+        return reevaluate(args.out, args.reeval, args.result)
+    if args.step_times:
+        torch.set_num_threads(args.threads)
+        teacher, _, _ = load_lm(args.teacher_dir or args.out / "teacher", device="cpu")
+        teacher.eval()
+        report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "machine": platform.platform(), "threads": torch.get_num_threads(),
+                  **step_times(args, args.out / "store", teacher, args.step_times)}
+        args.result.parent.mkdir(parents=True, exist_ok=True)
+        args.result.write_text(json.dumps(report, indent=1))
+        print(json.dumps({k: report[k] for k in ("median_ms_per_step", "store_over_online", "over_ce_only")}, indent=1))
+        return report
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     out = args.out
@@ -227,7 +272,9 @@ def main_(argv=None) -> dict:
 def _derive(report: dict) -> None:
     """Add the per-variant table, store/online time ratios and the acceptance checks from ``report["runs"]``."""
     runs, settings = report["runs"], report["bytes_per_token_settings"]
-    table = {name: {m: _stats([r[m] for r in rs]) for m in ("ce", "acc", "ece", "seconds")} for name, rs in runs.items()}
+    metrics = ("ce", "acc", "ece", "seconds") + (("overconfidence",) if all("overconfidence" in r for rs in runs.values()
+                                                                           for r in rs) else ())
+    table = {name: {m: _stats([r[m] for r in rs]) for m in metrics} for name, rs in runs.items()}
     ratios = {name: [s["seconds"] / o["seconds"] for s, o in zip(runs[name], runs["online_kd"])] for name in STORE_VARIANTS}
     online_ce = table["online_kd"]["ce"]["mean"]
     store_best = min(STORE_VARIANTS, key=lambda n: table[n]["ce"]["mean"])
@@ -265,6 +312,31 @@ def merge(paths: list[Path], result: Path) -> dict:
     return report
 
 
+def reevaluate(out: Path, report_path: Path, result: Path) -> dict:
+    """Evaluate each saved student (``OUT/runs/NAME-sSEED/student.safetensors``) on the held-out
+    shards again and update its run's metrics (the training figures are kept)."""
+    from safetensors.torch import load_file
+
+    report = json.loads(Path(report_path).read_text())
+    store = open_store(out / "store")
+    held, eos = store.select_shards(["heldout-"]), token_plan(store)["eos_id"]
+    for name, runs in report["runs"].items():
+        for r in runs:
+            folder = out / "runs" / f"{name}-s{r['seed']}"
+            model = GPT(GPTConfig.from_dict(json.loads((folder / "student.json").read_text())))
+            model.load_state_dict(load_file(str(folder / "student.safetensors")))
+            again = evaluate_lm(model, store, held, eos_id=eos)
+            if abs(again["ce"] - r["ce"]) > 1e-4:
+                raise SystemExit(f"{folder}: held-out CE {again['ce']:.5f} now, {r['ce']:.5f} in the report")
+            r.update(again)
+    report["reevaluated"] = True
+    _derive(report)
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps(report, indent=1))
+    _print(report)
+    return report
+
+
 def _steps_per_epoch(args, store_path: Path) -> int:
     from kdstore.train.lm_train import epoch_rows
 
@@ -279,12 +351,14 @@ def _print(report: dict) -> None:
           f"{t['heldout_students_set']['ce']:.3f} acc {t['heldout_students_set']['acc']:.3f} "
           f"(first 256 rows: {t['heldout_first_256_rows']['ce']:.3f} vs unigram {t['unigram_first_256_rows']['ce']:.3f})")
     b = report["bytes_per_token_settings"]
-    print(f"\n{'variant':10s} {'held-out CE':>16s} {'acc':>14s} {'ECE':>14s} {'train s':>9s} {'B/tok disk':>10s} {'B/tok raw':>9s}")
+    over = all("overconfidence" in row for row in report["variants"].values())
+    print(f"\n{'variant':10s} {'held-out CE':>16s} {'acc':>14s} {'ECE':>14s}" + (f" {'conf - acc':>15s}" if over else "")
+          + f" {'train s':>9s} {'B/tok disk':>10s} {'B/tok raw':>9s}")
     for name, row in report["variants"].items():
         f = lambda m, d=4: f"{row[m]['mean']:.{d}f}±{row[m]['sd']:.{d}f}"
         disk = b[name]["on_disk"] if name in b and b[name]["on_disk"] is not None else "-"
-        print(f"{name:10s} {f('ce'):>16s} {f('acc'):>14s} {f('ece'):>14s} {row['seconds']['mean']:9.0f} "
-              f"{disk:>10} {b[name]['uncompressed'] if name in b else '-':>9}")
+        print(f"{name:10s} {f('ce'):>16s} {f('acc'):>14s} {f('ece'):>14s}" + (f" {f('overconfidence'):>15s}" if over else "")
+              + f" {row['seconds']['mean']:9.0f} {disk:>10} {b[name]['uncompressed'] if name in b else '-':>9}")
     print("\nstore / online epoch time:", {n: f"{v['mean']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
                                           for n, v in report["store_over_online_time"].items()})
     print("acceptance:", json.dumps(report["acceptance"], indent=1))

@@ -13,9 +13,16 @@ saved. FAISS has no GPU HNSW outside cuVS builds, so ``hnsw`` always runs on the
 Defaults, and recall@10 against ``flat`` measured with them (2,000 held-out MiniLM
 embeddings of real news documents querying 25,921 others, see ``tests/test_recall.py``;
 2 shared CPU cores): ``hnsw`` M=32, efSearch=64: 0.994 at 6.6× flat's speed (efSearch 16:
-0.967, 16×); ``ivf`` nlist = the power of two nearest 4·√n (512 there), nprobe = nlist/16
-(32): 0.985 at 5.7× (nprobe 64: 0.995, 3.2×). ``ivfpq`` with its defaults (48×8-bit codes)
-reaches only 0.73: use it when vectors no longer fit, and let mining rescore candidates.
+0.967, 16×); ``ivf`` (IVF-Flat then) nlist 512, nprobe 32: 0.985 at 5.7× (nprobe 64: 0.995,
+3.2×). ``ivfpq`` with its defaults (48×8-bit codes) reaches only 0.73: use it when vectors no
+longer fit, and let mining rescore candidates.
+
+``ivf`` defaults (``IndexSpec``): nlist the power of two nearest 8·√n, nprobe nlist/64 from
+2,048 lists, and the ``fastscan`` codec on a CPU. ``benchmarks/scale.py`` at 10^6 rows × 384
+(idle 2-core machine, 7 alternating rounds against FAISS flat): nlist 8,192, nprobe 128,
+recall@10 0.986 at 20.5× exact (a second run 22.3×), index 855 MiB; the same lists as fp16:
+0.981 at 14.4× with nprobe 64; the former IVF-Flat nlist 4,096 / nprobe 128: 0.984 (9.7×
+measured under load, not comparable).
 """
 
 from __future__ import annotations
@@ -99,11 +106,14 @@ def _faiss() -> Any:
 class IndexSpec:
     """How to build (and search) one index. ``None`` parameters are chosen from the row count.
 
-    - ``nlist`` (ivf, ivfpq): inverted lists; default the power of two nearest 4·√n, kept
+    - ``nlist`` (ivf, ivfpq): inverted lists; default the power of two nearest 8·√n, kept
       at or below n/39 so k-means has 39 training points per centroid.
-    - ``nprobe`` (ivf, ivfpq): lists searched; default ``max(8, min(nlist/16, 32), nlist/32)``
-      (at most nlist): nlist/16 up to nlist 512, nlist/32 from 1024 lists (benchmarks/scale.py:
-      10^5 rows, nlist 1024: recall@10 0.991 at 12.8x exact; 10^6, nlist 4096: 0.984 at 9.5x).
+    - ``nprobe`` (ivf, ivfpq): lists searched; default ``max(8, min(nlist/16, 32), nlist/64)``
+      (at most nlist): nlist/16 up to 512 lists, 32 up to 2,048, nlist/64 above
+      (benchmarks/scale.py, fastscan: 10^5 rows, nlist 2,048, nprobe 32: recall@10 0.987 at
+      8.7x exact; 10^6, nlist 8,192, nprobe 128: 0.986 at 20.5x).
+    - ``codec`` (ivf): ``flat``, ``fp16``, ``sq8`` or ``fastscan`` (see :data:`CODECS`);
+      default ``fastscan``, ``fp16`` when FAISS sees a GPU.
     - ``hnsw_m``, ``ef_construction``, ``ef_search`` (hnsw).
     - ``pq_m`` (ivfpq): sub-quantisers, must divide the dimension; default dim/8 (rounded to
       a divisor). ``pq_nbits``: bits per code.

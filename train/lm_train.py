@@ -82,7 +82,8 @@ def token_loss(terms: Sequence, logits: torch.Tensor, batch: dict) -> tuple[torc
 @torch.no_grad()
 def evaluate_lm(model: GPT, store: Store, shards, *, eos_id: int, batch_size: int = 16, bins: int = 15,
                 autocast: Callable[[], Any] = contextlib.nullcontext) -> dict:
-    """Held-out next-token ``ce`` (nats), ``acc`` (top-1) and ``ece`` (top-1 confidence, ``bins`` bins) on ``shards``."""
+    """Held-out next-token ``ce`` (nats), ``acc`` (top-1), ``ece`` (top-1 confidence, ``bins`` bins) and
+    ``overconfidence`` (mean top-1 confidence − accuracy: > 0 over-, < 0 under-confident) on ``shards``."""
     model.eval()
     device = next(model.parameters()).device
     nll, conf, hit = [], [], []
@@ -98,12 +99,13 @@ def evaluate_lm(model: GPT, store: Store, shards, *, eos_id: int, batch_size: in
         hit.append((top.indices == batch["targets"])[m].float())
     model.train()
     if not nll:
-        return {"ce": float("nan"), "acc": float("nan"), "ece": float("nan"), "tokens": 0}
+        return {"ce": float("nan"), "acc": float("nan"), "ece": float("nan"), "overconfidence": float("nan"), "tokens": 0}
     nll, conf, hit = torch.cat(nll).cpu(), torch.cat(conf).cpu(), torch.cat(hit).cpu()
     which = torch.clamp((conf * bins).long(), max=bins - 1)
     ece = sum(float((which == b).sum()) * abs(float(hit[which == b].mean()) - float(conf[which == b].mean()))
               for b in range(bins) if bool((which == b).any())) / len(conf)
-    return {"ce": float(nll.mean()), "acc": float(hit.mean()), "ece": ece, "tokens": len(nll)}
+    return {"ce": float(nll.mean()), "acc": float(hit.mean()), "ece": ece,
+            "overconfidence": float(conf.mean() - hit.mean()), "tokens": len(nll)}
 
 
 class _Runtime:
