@@ -286,7 +286,7 @@ class Store:
         return TeacherData(self, TeacherSpec.from_json(read_json(path, layout.TEACHER_FILE)))
 
     def select_shards(self, selectors: Iterable[str | int] | None) -> list[ShardInfo]:
-        """Shards by index, ``"A..B"`` index range (inclusive), exact URL, or a substring of the
+        """Shards by index (a number selects that index only), ``"A..B"`` index range (inclusive), exact URL, or a substring of the
         shard's file name (``"train-"``; a selector with ``/`` is a substring of the whole URL),
         in store order; all when None. File names, because stores record absolute paths and a
         folder name must not select (``/tmp/pytest-1/...`` contains ``test-``). Selecting a pending
@@ -304,8 +304,10 @@ class Store:
                     if int(last) > top:
                         raise InputError(f"shard range {text}: store {self.path} has shards {self._index_text()}")
                     matches = [i for i, _ in candidates if int(first) <= i <= int(last)]
+                elif text.isdigit():  # a number is an index, never a substring of names holding its digits
+                    matches = [i for i, _ in candidates if i == int(text)]
                 else:
-                    matches = [i for i, url in candidates if (text.isdigit() and i == int(text)) or url == text
+                    matches = [i for i, url in candidates if url == text
                                or text in (url if "/" in text else url.rstrip("/").rsplit("/", 1)[-1])]
                 if not matches:
                     raise InputError(f"no shard of store {self.path} matches {text!r}")

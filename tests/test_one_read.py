@@ -116,6 +116,12 @@ def test_a_partly_listed_store_reads_shard_by_shard_then_seals(tmp_path, make_sh
     assert list(store.keys) == [s["__key__"] for p in shards for s in iter_samples(str(p))]
     assert verify_store(store).ok, verify_store(store).problems
     assert store.manifest.input_fingerprint.startswith("sha256:")
+    # a number selects that shard index only, never the file names containing its digits
+    assert all("0" in p.name and "1" in p.name for p in shards[1:2])
+    assert [s.index for s in store.select_shards(["0"])] == [0]
+    assert [s.index for s in store.select_shards([1, "2"])] == [1, 2]
+    with pytest.raises(InputError, match="no shard of store"):
+        store.select_shards(["7"])
 
 
 def test_teachers_must_agree_on_a_shards_keys(tmp_path, make_shards):
