@@ -93,9 +93,8 @@ def step_times(args, store_path: Path, teacher, steps: int, rounds: int = 2) -> 
     for i in range(rounds):
         for name in ORDER if i % 2 == 0 else ORDER[::-1]:
             loss, online = _variant(name, args, teacher)
-            cfg = _config(args, store_path, args.out / "step_times" / name, loss, 0, steps)
-            cfg = parse_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "steps": steps},
-                                "data": {**cfg.to_dict()["data"], "eval_shards": []}})
+            doc = _config(args, store_path, args.out / "step_times" / name, loss, 0, steps).to_dict()
+            cfg = parse_config({**doc, "train": {**doc["train"], "steps": steps}, "data": {**doc["data"], "eval_shards": []}})
             s = run_lm(cfg, overwrite=True, online_term=online)
             per[name].append(1000 * s["seconds"] / s["steps"])
             print(f"round {i} {name:10s} {per[name][-1]:.0f} ms/step", flush=True)

@@ -221,9 +221,8 @@ def _new_cpu_index(spec: IndexSpec, dim: int) -> Any:
         base = faiss.IndexIVFPQFastScan(quantizer, dim, spec.nlist, dim // 2 if dim % 2 == 0 else dim, 4, mt)
         base.by_residual = False
         base.cp.seed = base.pq.cp.seed = spec.seed
-        index = faiss.IndexRefine(base, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, mt))
-        index.k_factor = REFINE_K_FACTOR
-        return index  # IndexRefine's Python wrapper keeps base and refine alive
+        # k_factor is set by _apply_search_params, after a build and on every load
+        return faiss.IndexRefine(base, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, mt))
     elif spec.kind == "ivf":
         qtype = faiss.ScalarQuantizer.QT_fp16 if spec.codec == "fp16" else faiss.ScalarQuantizer.QT_8bit
         index = faiss.IndexIVFScalarQuantizer(quantizer, dim, spec.nlist, qtype, mt, False)

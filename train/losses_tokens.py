@@ -144,7 +144,7 @@ def _log_tail(logq: Tensor, logq_k: Tensor, idx: Tensor) -> Tensor:
     """
     head = torch.logsumexp(logq_k, dim=-1)
     easy = head <= _HALF
-    tail = torch.log1p(-torch.exp(torch.minimum(head, torch.full_like(head, _HALF))))
+    tail = torch.log1p(-torch.exp(head.clamp(max=_HALF)))
     hard = (~easy).nonzero(as_tuple=True)
     if hard[0].numel():
         exact = torch.logsumexp(logq[hard].scatter(-1, idx[hard], _NEG), dim=-1)
