@@ -134,7 +134,7 @@ def main_(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--teacher-dir", type=Path, default=None, help="a `kdstore lm-teacher` folder (else one is trained)")
-    p.add_argument("--teacher-steps", type=int, default=1200)
+    p.add_argument("--teacher-steps", type=int, default=4000)
     p.add_argument("--teacher-depth", type=int, default=2)
     p.add_argument("--teacher-width", type=int, default=128)
     p.add_argument("--teacher-batch", type=int, default=16)
@@ -192,6 +192,10 @@ def main_(argv=None) -> dict:
              "--depth", str(args.teacher_depth), "--width", str(args.teacher_width), "--heads", "4",
              "--batch-size", str(args.teacher_batch), "--vocab-size", str(args.vocab_size),
              *(["--limit", str(args.train_docs)] if args.smoke else []))
+    calibration = json.loads((teacher_dir / "config.json").read_text()).get("calibration")
+    if calibration and args.heldout_docs > calibration["first_document"]:
+        raise SystemExit(f"--heldout-docs {args.heldout_docs}: the teacher's calibration temperature was fitted on "
+                         f"held-out documents from #{calibration['first_document']} on; score at most that many")
     shards = out / "shards"
     for split, limit in (("train", args.train_docs), ("heldout", args.heldout_docs)) if not args.reuse_store else ():
         _cli("lm-shards", str(shards), "--tokenizer", str(teacher_dir / "tokenizer.json"), "--seq-len",
@@ -224,12 +228,14 @@ def main_(argv=None) -> dict:
                           "uncompressed": sum(v["uncompressed"] for v in fs.values()),
                           "on_disk_without_lse": round(sum(v["on_disk"] for k, v in fs.items() if not k.endswith("/lse")), 2)}
     plan = token_plan(store)
-    teacher, _, _ = load_lm(teacher_dir, device="cpu")
-    teacher.eval()
     held = store.select_shards(["heldout-"])
+    raw, _, _ = load_lm(teacher_dir, device="cpu", calibrated=False)
+    teacher_raw_eval = evaluate_lm(raw, store, held, eos_id=plan["eos_id"])
+    teacher, teacher_cfg, _ = load_lm(teacher_dir, device="cpu")
+    teacher.eval()
     teacher_eval = evaluate_lm(teacher, store, held, eos_id=plan["eos_id"])
-    teacher_cfg = json.loads((teacher_dir / "config.json").read_text())
-    print(f"teacher on the students' held-out tokens: {teacher_eval}", flush=True)
+    print(f"teacher on the students' held-out tokens (calibration temperature {teacher.temperature:.4f}): "
+          f"{teacher_eval}; raw logits: {teacher_raw_eval}", flush=True)
 
     steps_per_epoch = _steps_per_epoch(args, store_path)  # the same for every variant (all rows valid)
     runs: dict[str, list[dict]] = {name: [] for name in ORDER}
@@ -248,7 +254,8 @@ def main_(argv=None) -> dict:
         "machine": platform.platform(), "threads": torch.get_num_threads(), "loadavg_end": [round(x, 2) for x in load],
         "teacher": {"parameters": teacher_cfg["parameters"], "model": teacher_cfg["model"],
                     "training": teacher_cfg["training"], "heldout_first_256_rows": teacher_cfg["heldout"],
-                    "unigram_first_256_rows": teacher_cfg["unigram"], "heldout_students_set": teacher_eval},
+                    "unigram_first_256_rows": teacher_cfg["unigram"], "heldout_students_set": teacher_eval,
+                    "calibration": teacher_cfg.get("calibration"), "heldout_students_set_raw_logits": teacher_raw_eval},
         "student": {"depth": args.student_depth, "width": args.student_width, "heads": args.student_heads,
                     "parameters": GPT(GPTConfig(vocab_size=plan["vocab_size"], context=plan["seq_len"],
                                                 depth=args.student_depth, width=args.student_width,

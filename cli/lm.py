@@ -22,24 +22,35 @@ from kdstore.cli.common import user_errors
 @click.option("--seed", default=0, show_default=True)
 @click.option("--corpus", default="20newsgroups+reuters-r52+bbc", show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N documents of each split (smoke tests).")
+@click.option("--calibrate/--no-calibrate", default=None,
+              help="Fit a calibration temperature on the second half of the held-out documents after training "
+                   "(default on). On a folder that already holds a teacher, --calibrate (re)fits it without retraining.")
 @click.option("--force", is_flag=True, help="Retrain even when OUT_DIR/config.json exists.")
 @user_errors
-def lm_teacher_cmd(out_dir: Path, force: bool, **kwargs) -> None:
+def lm_teacher_cmd(out_dir: Path, force: bool, calibrate: bool | None, **kwargs) -> None:
     """Train a small GPT teacher and its tokenizer on the packaged corpora's training split.
 
-    Writes OUT_DIR/tokenizer.json, model.safetensors and config.json (fingerprints and the held-out
-    cross-entropy / accuracy next to a unigram model). Load it in precompute with
-    --teacher kdstore.pipeline.lm_teacher:gpt --teacher-arg path=OUT_DIR.
+    Writes OUT_DIR/tokenizer.json, model.safetensors and config.json (fingerprints, the held-out
+    cross-entropy / accuracy / calibration error next to a unigram model, and the calibration
+    temperature). Load it in precompute with
+    --teacher kdstore.pipeline.lm_teacher:gpt --teacher-arg path=OUT_DIR (logits divided by the
+    calibration temperature; add --teacher-arg calibrated=false for the raw ones).
     """
     import json
 
-    from kdstore.pipeline.lm_teacher import CONFIG, train_lm_teacher
+    from kdstore.pipeline.lm_teacher import CONFIG, calibrate_lm_teacher, train_lm_teacher
 
     if (out_dir / CONFIG).is_file() and not force:
-        held = json.loads((out_dir / CONFIG).read_text())["heldout"]
-        click.echo(f"{out_dir} already holds a teacher (held-out CE {held['ce']:.3f}); --force retrains it")
+        config = json.loads((out_dir / CONFIG).read_text())
+        if calibrate:
+            calibrate_lm_teacher(out_dir, log=click.echo)
+            return
+        cal = config.get("calibration")
+        note = f", calibration temperature {cal['temperature']:.4f}" if cal else ", not calibrated (--calibrate fits it)"
+        click.echo(f"{out_dir} already holds a teacher (held-out CE {config['heldout']['ce']:.3f}{note}); "
+                   f"--force retrains it")
         return
-    train_lm_teacher(out_dir, log=click.echo, **kwargs)
+    train_lm_teacher(out_dir, log=click.echo, calibrate=calibrate is not False, **kwargs)
 
 
 @click.command("lm-shards")

@@ -42,6 +42,21 @@ def kd_mask(ids: torch.Tensor, doc: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (doc >= 0) & (ids != eos_id)
 
 
+def top1_calibration(conf: torch.Tensor, hit: torch.Tensor, bins: int = 15) -> dict[str, float]:
+    """Calibration of next-token top-1 predictions: ``conf [m]`` (top-1 probability), ``hit [m]``
+    (1 where the top-1 token was right) → ``ece`` (expected calibration error over ``bins``
+    equal-width confidence bins, weighted by tokens) and ``overconfidence`` (mean confidence −
+    accuracy: > 0 over-, < 0 under-confident)."""
+    conf, hit = conf.double().flatten(), hit.double().flatten()
+    if not len(conf):
+        return {"ece": float("nan"), "overconfidence": float("nan")}
+    which = torch.clamp((conf * bins).long(), max=bins - 1)
+    count = torch.bincount(which, minlength=bins).double()
+    gap = torch.bincount(which, weights=hit, minlength=bins) - torch.bincount(which, weights=conf, minlength=bins)
+    return {"ece": float(gap.abs().sum() / len(conf)), "overconfidence": float(conf.mean() - hit.mean()),
+            "bins": bins, "nonempty_bins": int((count > 0).sum())}
+
+
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
     """Shape of a :class:`GPT`. ``width`` must divide by ``heads``."""
@@ -98,7 +113,12 @@ class GPT(nn.Module):
     Position ``t`` of the output is the distribution of the token at ``t + 1``.
     ``doc_ids [b, n]`` (optional, any integer dtype) restricts attention to earlier tokens of
     the same document; without it the mask is plain causal.
+
+    ``temperature`` (a plain attribute, 1 unless set; not a weight) divides the output logits:
+    :func:`kdstore.pipeline.lm_teacher.load_lm` sets a teacher's fitted calibration temperature.
     """
+
+    temperature: float = 1.0
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -138,7 +158,8 @@ class GPT(nn.Module):
             mask = (mask & same).unsqueeze(1)  # [b, 1, n, n]
         for block in self.blocks:
             x = block(x, mask)
-        return self.ln_f(x) @ self.tok.weight.t()
+        logits = self.ln_f(x) @ self.tok.weight.t()
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -93,6 +93,83 @@ def test_modified_weights_are_refused(teacher_dir, tmp_path):
         load_teacher("kdstore.pipeline.lm_teacher:gpt", kwargs={"path": str(copy)})
 
 
+class _MarkovLM(torch.nn.Module):
+    """A bigram "language model": the next-token logits depend on the current token only."""
+
+    temperature = 1.0
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids, doc=None):
+        logits = self.table[ids]
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+
+def test_fit_temperature_recovers_the_temperature_the_tokens_were_drawn_at():
+    """Tokens drawn from softmax(logits / 1.6): the fit finds 1.6 (and NLL / ECE drop); at 1 it stays 1."""
+    from kdstore.pipeline.lm_teacher import fit_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, rows, n = 64, 400, 32
+    table = torch.randn(vocab, vocab, generator=gen) * 3.0
+    for true_t in (1.6, 1.0):
+        ids = torch.zeros(rows, n, dtype=torch.long)
+        ids[:, 0] = torch.randint(1, vocab, (rows,), generator=gen)
+        for t in range(1, n):
+            ids[:, t] = torch.multinomial(torch.softmax(table[ids[:, t - 1]] / true_t, -1), 1, generator=gen).squeeze(1)
+        model = _MarkovLM(table)
+        # eos_id -1 (none): every position but the last of a row is scored
+        fit = fit_temperature(model, ids.numpy(), np.zeros((rows, n), np.int64), eos_id=-1, max_tokens=rows * (n - 1))
+        assert fit["tokens"] == rows * (n - 1)
+        assert abs(fit["temperature"] - true_t) < 0.05 * true_t, fit
+        assert fit["nll_after"] <= fit["nll_before"] + 1e-9
+        if true_t != 1.0:
+            assert fit["nll_after"] < fit["nll_before"] - 0.01 and fit["ece_after"] < fit["ece_before"] / 2
+            assert fit["overconfidence_before"] > 0.05  # logits used at T = 1 are sharper than the draws
+        assert model.temperature == 1.0  # restored
+
+
+def test_teacher_calibration_is_fitted_recorded_and_applied(teacher_dir, tmp_path):
+    from kdstore.pipeline.lm_teacher import load_lm
+
+    config = json.loads((teacher_dir / "config.json").read_text())
+    cal = config["calibration"]
+    assert 0.2 <= cal["temperature"] <= 5.0 and cal["tokens"] > 0
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    assert cal["documents"] == cal["first_document"] == 60  # --limit 120 held-out documents: halves of 60
+    assert {"ce", "acc", "ece", "overconfidence"} <= set(config["heldout_calibrated"])
+    model, _, _ = load_lm(teacher_dir)
+    raw, _, _ = load_lm(teacher_dir, calibrated=False)
+    assert model.temperature == cal["temperature"] and raw.temperature == 1.0
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), raw(x) / cal["temperature"])
+    kw = {"path": str(teacher_dir)}
+    on = load_teacher("kdstore.pipeline.lm_teacher:gpt", kwargs=kw, device="cpu")
+    off = load_teacher("kdstore.pipeline.lm_teacher:gpt", kwargs={**kw, "calibrated": False}, device="cpu")
+    assert on.fingerprint != off.fingerprint  # a store written with one refuses to resume with the other
+    with pytest.raises(InputError, match="calibrated must be true or false"):
+        load_teacher("kdstore.pipeline.lm_teacher:gpt", kwargs={**kw, "calibrated": "no"}, device="cpu")
+    # an existing folder: reported, refitted on request (deterministic), never retrained
+    result = CliRunner().invoke(main, ["lm-teacher", str(teacher_dir)])
+    assert result.exit_code == 0 and f"calibration temperature {cal['temperature']:.4f}" in result.output
+    result = CliRunner().invoke(main, ["lm-teacher", str(teacher_dir), "--calibrate"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((teacher_dir / "config.json").read_text())
+    assert again["calibration"]["temperature"] == pytest.approx(cal["temperature"], rel=1e-6)
+    assert again["weights_sha256"] == config["weights_sha256"]
+    # --no-calibrate: no calibration, raw logits, and the fingerprint of a teacher without one
+    plain = tmp_path / "plain"
+    result = CliRunner().invoke(main, ["lm-teacher", str(plain), *TINY, "--no-calibrate"])
+    assert result.exit_code == 0, result.output
+    assert "calibration" not in json.loads((plain / "config.json").read_text())
+    assert "not calibrated" in CliRunner().invoke(main, ["lm-teacher", str(plain)]).output
+    t = load_teacher("kdstore.pipeline.lm_teacher:gpt", kwargs={"path": str(plain)}, device="cpu")
+    assert t.model.temperature == 1.0 and t.fingerprint == off.fingerprint
+
+
 def _read(tar):
     return [(s["__key__"], read_npy(s["ids.npy"]), read_npy(s["doc.npy"])) for s in wds.WebDataset(str(tar), shardshuffle=False)]
 

@@ -20,6 +20,7 @@ from kdstore.train.losses_tokens import (
     taid_kl,
     taid_sampled_kl,
     taid_topk_kl,
+    shared_log_probs,
     topk_kl,
 )
 
@@ -291,3 +292,50 @@ def test_first_k_of_a_stored_topk_equals_a_smaller_topk():
     np.testing.assert_array_equal(ids.numpy(), small["ids"].astype(np.int64))
     np.testing.assert_allclose(r.numpy(), small["residual"], atol=2e-3)
     assert first_k(lp, ids, r, 0)[2] is r and first_k(lp, ids, r, 9)[0] is lp
+
+
+def _graph_nodes(loss: torch.Tensor, name: str) -> int:
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        stack.extend(n for n, _ in node.next_functions)
+    return count
+
+
+def test_shared_log_probs_computes_each_student_log_softmax_once_with_the_same_values():
+    """CE + RS-KD + top-k KD at T = 1 and forward KL at T = 2: 2 student log-softmax nodes, not 4."""
+    gen = torch.Generator().manual_seed(3)
+    b, n, v, k = 2, 5, 11, 3
+    logits = torch.randn(b, n, v, generator=gen)
+    teacher = torch.randn(b, n, v, generator=gen)
+    targets = torch.randint(0, v, (b, n), generator=gen)
+    drawn = sample_tokens(teacher.reshape(-1, v), 6, key="k")
+    ids, counts = (torch.as_tensor(drawn[f].astype(np.int64)).reshape(b, n, -1) for f in ("ids", "counts"))
+    top = topk_tokens(teacher.reshape(-1, v), k)
+    lp, tid = (torch.as_tensor(top[f].astype(np.float32 if f == "logprobs" else np.int64)).reshape(b, n, k)
+               for f in ("logprobs", "ids"))
+    res = torch.as_tensor(top["residual"]).reshape(b, n)
+
+    def total(x):
+        return (next_token_ce(x, targets) + sampled_kl(x, ids, counts) + topk_kl(x, lp, tid, res)
+                + forward_kl(x, teacher, temperature=2.0))
+
+    plain = logits.clone().requires_grad_(True)
+    alone = total(plain)
+    alone.backward()
+    shared = logits.clone().requires_grad_(True)
+    with shared_log_probs():
+        together = total(shared)
+        with shared_log_probs():  # nests
+            assert torch.equal(total(shared), together)
+    together.backward()
+    assert _graph_nodes(alone, "LogSoftmaxBackward0") == 4
+    assert _graph_nodes(together, "LogSoftmaxBackward0") == 2
+    assert torch.equal(alone, together)
+    torch.testing.assert_close(plain.grad, shared.grad, rtol=1e-6, atol=1e-7)
+    # outside the block nothing is kept
+    assert _graph_nodes(total(shared), "LogSoftmaxBackward0") == 4

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from kdstore.pipeline.lm_model import kd_mask, next_token_targets
+from kdstore.pipeline.lm_teacher import loaded_temperature, teacher_fingerprint
 from kdstore.store.errors import InputError, StoreMismatchError
 from kdstore.store.layout import VALID_ARRAY
 from kdstore.store.reader import Store
@@ -55,11 +56,15 @@ def teacher_tokenizer_sha256(store: Store, teacher: str) -> str:
         raise InputError(f"teacher {teacher} of {store.path} records no readable LM teacher folder "
                          f"(factory_args.path = {folder!r}); token batches need it to check the tokenizer")
     config = json.loads(config_path.read_text())
-    tok, weights = config["tokenizer_sha256"], config["weights_sha256"]
-    if hashlib.sha256(f"{weights}:{tok}".encode()).hexdigest() != spec.fingerprint:
+    calibrated = spec.factory_args.get("calibrated", True)
+    if spec.fingerprint != teacher_fingerprint(config, loaded_temperature(config, calibrated)):
+        hint = "point factory_args.path at the right folder or recompute"
+        if calibrated and "calibration" in config and spec.fingerprint == teacher_fingerprint(config):
+            hint = (f"the folder was calibrated (temperature {config['calibration']['temperature']:.4f}) after this "
+                    "store was written from its raw logits; recompute, or train from it knowing that")
         raise StoreMismatchError(f"{folder} is not the teacher that wrote teacher {teacher} of {store.path} "
-                                 "(fingerprints differ): point factory_args.path at the right folder or recompute")
-    return tok
+                                 f"(fingerprints differ): {hint}")
+    return config["tokenizer_sha256"]
 
 
 def token_plan(store: Store) -> dict:

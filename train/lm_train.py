@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from kdstore.pipeline.lm_model import GPT, GPTConfig
+from kdstore.pipeline.lm_model import GPT, GPTConfig, top1_calibration
 from kdstore.store.errors import InputError
 from kdstore.store.layout import VALID_ARRAY
 from kdstore.store.reader import Store, open_store
 from kdstore.train import checkpoint as ck
 from kdstore.train.config import Config
 from kdstore.train.lm_data import check_tokenizer, lm_batches
-from kdstore.train.losses_tokens import TaidSchedule
+from kdstore.train.losses_tokens import TaidSchedule, shared_log_probs
 from kdstore.train.objective import KINDS, TermInput, resolve_terms, term_fields
 from kdstore.train.objective_tokens import TAID_LAMBDA, TOKEN_KINDS
 from kdstore.train.recipe import Recipe, _schedule
@@ -101,11 +101,9 @@ def evaluate_lm(model: GPT, store: Store, shards, *, eos_id: int, batch_size: in
     if not nll:
         return {"ce": float("nan"), "acc": float("nan"), "ece": float("nan"), "overconfidence": float("nan"), "tokens": 0}
     nll, conf, hit = torch.cat(nll).cpu(), torch.cat(conf).cpu(), torch.cat(hit).cpu()
-    which = torch.clamp((conf * bins).long(), max=bins - 1)
-    ece = sum(float((which == b).sum()) * abs(float(hit[which == b].mean()) - float(conf[which == b].mean()))
-              for b in range(bins) if bool((which == b).any())) / len(conf)
-    return {"ce": float(nll.mean()), "acc": float(hit.mean()), "ece": ece,
-            "overconfidence": float(conf.mean() - hit.mean()), "tokens": len(nll)}
+    cal = top1_calibration(conf, hit, bins)
+    return {"ce": float(nll.mean()), "acc": float(hit.mean()), "ece": cal["ece"],
+            "overconfidence": cal["overconfidence"], "tokens": len(nll)}
 
 
 class _Runtime:
@@ -244,11 +242,12 @@ def _train(cfg, rt, teacher, taid_terms, resume, overwrite, on_step, online_term
                     batch[TAID_LAMBDA] = torch.tensor(taid.lam)
                 with rt.autocast():
                     logits = net(batch["ids"], batch["doc"])
-                loss, parts = token_loss(terms, logits, batch)
-                if online_term is not None:
-                    extra = online_term(logits, batch)
-                    parts["loss/online"] = float(extra.detach())
-                    loss = loss + extra
+                with shared_log_probs():  # one student log-softmax per T for all terms
+                    loss, parts = token_loss(terms, logits, batch)
+                    if online_term is not None:
+                        extra = online_term(logits, batch)
+                        parts["loss/online"] = float(extra.detach())
+                        loss = loss + extra
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.optim.grad_clip:

@@ -13,6 +13,9 @@ Conventions for every function here:
   of :func:`~kdstore.pipeline.lm_model.next_token_targets` for CE.
 - The result is the mean over counted positions (each token counts once); a batch with no
   counted position gives 0 (with a gradient of 0). KD terms are multiplied by ``T**2``.
+- Inside :func:`shared_log_probs`, the student's ``log_softmax(logits / T)`` over the
+  vocabulary is computed once per logits tensor and T and reused by every function here (CE
+  beside a KD term at T = 1 costs one log-softmax and one backward through it, not two).
 
 These supersede ``token_kl`` (full and top-k) and ``taid_loss``/``TaidSchedule`` of
 :mod:`kdstore.train.losses` for the token family: :func:`topk_kl` keeps the residual as a
@@ -23,7 +26,10 @@ position mask.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +64,37 @@ def _temperature(t: float) -> float:
     return t
 
 
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kdstore_shared_log_probs", default=None)
+
+
+@contextlib.contextmanager
+def shared_log_probs() -> Iterator[None]:
+    """Within the block the student's ``log_softmax(logits / T)`` is computed once per (logits
+    tensor, T) and shared by the token losses (values and gradients unchanged); nests."""
+    if _SHARED.get() is not None:
+        yield
+        return
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _log_probs(student_logits: Tensor, t: float) -> Tensor:
+    """``log_softmax(student_logits / t)`` in float32 over the last dimension (shared inside
+    :func:`shared_log_probs`; the cache holds the tensor itself, so a reused id never matches)."""
+    cache = _SHARED.get()
+    key = (id(student_logits), t)
+    if cache is not None and key in cache and cache[key][0] is student_logits:
+        return cache[key][1]
+    x = student_logits.float()
+    out = F.log_softmax(x / t if t != 1.0 else x, dim=-1)
+    if cache is not None:
+        cache[key] = (student_logits, out)
+    return out
+
+
 def _masked_mean(per_token: Tensor, mask: Tensor) -> Tensor:
     """``per_token [b, n]``, ``mask [b, n]`` bool → [] mean over True positions (0 when none)."""
     w = mask.to(per_token.dtype)
@@ -79,7 +116,7 @@ def next_token_ce(student_logits: Tensor, targets: Tensor, mask: Tensor | None =
     b, n, v, m = _check(student_logits, mask)
     _same("targets", targets, (b, n))
     safe = torch.where(m, targets.long(), torch.zeros_like(targets, dtype=torch.long))
-    logq = F.log_softmax(student_logits.float(), dim=-1)
+    logq = _log_probs(student_logits, 1.0)
     return _masked_mean(-logq.gather(-1, safe.unsqueeze(-1)).squeeze(-1), m)
 
 
@@ -99,7 +136,7 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
     _same("teacher_logits", teacher_logits, (b, n, v))
     t = _temperature(temperature)
     logp = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
-    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    logq = _log_probs(student_logits, t)
     per = (logp.exp() * (logp - logq)).sum(-1)
     return _masked_mean(per, m) * t * t
 
@@ -110,7 +147,7 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
     _same("teacher_logits", teacher_logits, (b, n, v))
     t = _temperature(temperature)
     logp = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
-    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    logq = _log_probs(student_logits, t)
     per = (logq.exp() * (logq - logp)).sum(-1)
     return _masked_mean(per, m) * t * t
 
@@ -126,7 +163,7 @@ def _topk_buckets(student_logits, logprobs, ids, residual, mask, temperature):
     _same("residual", residual, (b, n))
     t = _temperature(temperature)
     idx = torch.where(m.unsqueeze(-1), ids.long(), torch.arange(k, device=ids.device).expand(b, n, k))
-    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    logq = _log_probs(student_logits, t)
     logq_k = logq.gather(-1, idx)
     return m, t, logq_k, _log_tail(logq, logq_k, idx), logprobs.detach().float(), residual.detach().float().clamp(min=0.0)
 
@@ -219,7 +256,7 @@ def sampled_kl(
     total = c.sum(-1, keepdim=True)
     m = m & (total.squeeze(-1) > 0)
     weights = c / total.clamp(min=1.0)
-    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    logq = _log_probs(student_logits, t)
     per = -(weights * logq.gather(-1, ids.long().clamp(0, v - 1))).sum(-1)
     return _masked_mean(per, m) * t * t
 
@@ -245,10 +282,9 @@ def taid_kl(student_logits: Tensor, teacher_logits: Tensor, lam: float, mask: Te
     lam = float(lam)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
-    s = student_logits.float()
-    target = (1.0 - lam) * s.detach() + lam * teacher_logits.detach().float()
+    target = (1.0 - lam) * student_logits.detach().float() + lam * teacher_logits.detach().float()
     logp = F.log_softmax(target, dim=-1)
-    logq = F.log_softmax(s, dim=-1)
+    logq = _log_probs(student_logits, 1.0)
     return _masked_mean((logp.exp() * (logp - logq)).sum(-1), m)
 
 
@@ -327,7 +363,7 @@ def taid_sampled_kl(
     m = m & (total.squeeze(-1) > 0)
     p_hat = torch.zeros_like(student_logits, dtype=torch.float32).scatter_add_(
         -1, ids.long().clamp(0, v - 1), c / total.clamp(min=1.0))
-    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    logq = _log_probs(student_logits, t)
     target = (1.0 - lam) * logq.detach().exp() + lam * p_hat
     per = (target * (torch.log(target.clamp(min=1e-30)) - logq)).sum(-1)
     return _masked_mean(per, m) * t * t
