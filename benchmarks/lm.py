@@ -11,6 +11,7 @@ cosine schedule:
 
 - ``ce``: next-token CE only;
 - ``topk8`` / ``topk32``: top-k KD, residual as a tail bucket (+ CE, weight ``--ce-weight``);
+- ``topk32_renorm``: the common renormalised top-k (residual dropped), a biased baseline (+ CE);
 - ``rskd12``: RS-KD, 12 draws (+ CE);
 - ``taid``: TAID from the store (``token_taid`` on ``tokens:topk:32``, adaptive lambda) (+ CE);
 - ``online_kd``: full-vocabulary forward KL with the teacher in the loop (+ CE).
@@ -27,6 +28,7 @@ from seed to seed). Writes ``--result`` (benchmarks/results/lm.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -43,19 +45,23 @@ from kdstore.store import open_store
 from kdstore.store.verify import summarize
 from kdstore.train import losses_tokens as LT
 from kdstore.train.config import parse_config
-from kdstore.train.lm_data import token_plan
-from kdstore.train.lm_train import evaluate_lm, run_lm
+from kdstore.train.lm_data import lm_batches, token_plan
+from kdstore.train.lm_train import evaluate_lm, lm_teacher, run_lm, token_loss
+from kdstore.train.objective import resolve_terms, term_fields
+from kdstore.train.objective_tokens import TAID_LAMBDA
 
 STORE_VARIANTS = {
     "topk8": {"kind": "token_topk_kd", "teacher": "gpt", "top_k": 8},
     "topk32": {"kind": "token_topk_kd", "teacher": "gpt"},
     "rskd12": {"kind": "token_sampled_kd", "teacher": "gpt"},
     "taid": {"kind": "token_taid", "teacher": "gpt", "field": "topk"},
+    "topk32_renorm": {"kind": "token_topk_kd", "teacher": "gpt", "renormalize": True},
 }
-ORDER = ["ce", "topk8", "topk32", "rskd12", "taid", "online_kd"]
+ORDER = ["ce", "topk8", "topk32", "rskd12", "taid", "topk32_renorm", "online_kd"]
 # the stored fields each store variant needs (bytes/token of the setting = their sum, lse included)
 SETTING_FIELDS = {"topk8": ("gpt8", "tokens/topk/"), "topk32": ("gpt", "tokens/topk/"),
-                  "rskd12": ("gpt", "tokens/sample/"), "taid": ("gpt", "tokens/topk/")}
+                  "rskd12": ("gpt", "tokens/sample/"), "taid": ("gpt", "tokens/topk/"),
+                  "topk32_renorm": ("gpt", "tokens/topk/")}
 
 
 def _cli(*args: str) -> str:
@@ -105,6 +111,43 @@ def step_times(args, store_path: Path, teacher, steps: int, rounds: int = 2) -> 
             "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
 
 
+def loss_times(args, store_path: Path, reps: int = 15) -> dict:
+    """The token terms' forward + backward on one real batch of the store, each store variant (and
+    CE) with and without :func:`~kdstore.train.losses_tokens.shared_log_probs`, alternating,
+    ``reps`` times; median ms and unshared ÷ shared (the gain of computing the student's
+    log-softmax once per step)."""
+    store = open_store(store_path)
+    eos = token_plan(store)["eos_id"]
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, dict] = {}
+    for name in ["ce", *STORE_VARIANTS]:
+        loss, _ = _variant(name, args, None)
+        cfg = _config(args, store_path, args.out / "loss_times", loss, 0, 1)
+        terms = resolve_terms(cfg.loss, store)
+        teacher = lm_teacher(cfg)
+        fields = sorted({f for t in terms for f in (term_fields(t) if t.teacher_names else ())})
+        batch = next(iter(lm_batches(store, teacher, fields, batch_size=args.batch_size, eos_id=eos, epoch=0,
+                                     shards=store.select_shards(["train-"]))))
+        batch[TAID_LAMBDA] = torch.tensor(0.5)
+        ids = batch["ids"]
+        base = torch.randn(*ids.shape, token_plan(store)["vocab_size"], generator=gen)
+        ms = {"unshared": [], "shared": []}
+        for i in range(2 * reps):
+            mode = ("shared", "unshared")[(i + i // 2) % 2]  # ABBA order
+            logits = base.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            with LT.shared_log_probs() if mode == "shared" else contextlib.nullcontext():
+                total, _ = token_loss(terms, logits, batch)
+            total.backward()
+            ms[mode].append(1000 * (time.perf_counter() - t0))
+        med = {k: statistics.median(v) for k, v in ms.items()}
+        out[name] = {"median_ms": {k: round(v, 2) for k, v in med.items()},
+                     "unshared_over_shared": round(med["unshared"] / med["shared"], 3),
+                     "ms": {k: [round(x, 2) for x in v] for k, v in ms.items()}}
+        print(f"loss {name:8s} unshared {med['unshared']:.1f} ms, shared {med['shared']:.1f} ms", flush=True)
+    return {"reps": reps, "batch_size": args.batch_size, "per_variant": out}
+
+
 def _variant(name: str, args, teacher) -> tuple[list[dict], object]:
     """The loss terms of variant ``name`` and its online term (None unless ``online_kd``)."""
     online = None
@@ -152,6 +195,8 @@ def main_(argv=None) -> dict:
     p.add_argument("--warmup-frac", type=float, default=0.05)
     p.add_argument("--ce-weight", type=float, default=0.5)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variants", default=",".join(ORDER),
+                   help=f"comma-separated subset of {','.join(ORDER)} (a later run of more variants merges with --merge)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--topk8-precompute", action="store_true",
                    help="store tokens:topk:8 with a second precompute (teacher gpt8) instead of cutting topk:32 to 8")
@@ -163,10 +208,15 @@ def main_(argv=None) -> dict:
                         "rewrite this report (a --result or --merge output) into --result")
     p.add_argument("--step-times", type=int, default=0, metavar="STEPS",
                    help="only time STEPS optimizer steps of each variant on the store in --out (alternating order, 2 "
-                        "rounds, one process; a quiet machine gives the store / online cost ratio) into --result")
+                        "rounds, one process; a quiet machine gives the store / online cost ratio), then the token "
+                        "terms' forward + backward on one batch with and without the shared student log-softmax "
+                        "(15 ABBA repetitions), into --result")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a check that it runs, not a measurement)")
     p.add_argument("--result", type=Path, default=Path(__file__).parent / "results" / "lm.json")
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(ORDER)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {ORDER}")
     if args.merge:
         return merge(args.merge, args.result)
     if args.reeval:
@@ -177,7 +227,8 @@ def main_(argv=None) -> dict:
         teacher.eval()
         report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "machine": platform.platform(), "threads": torch.get_num_threads(),
-                  **step_times(args, args.out / "store", teacher, args.step_times)}
+                  **step_times(args, args.out / "store", teacher, args.step_times),
+                  "loss_times": loss_times(args, args.out / "store")}
         args.result.parent.mkdir(parents=True, exist_ok=True)
         args.result.write_text(json.dumps(report, indent=1))
         print(json.dumps({k: report[k] for k in ("median_ms_per_step", "store_over_online", "over_ce_only")}, indent=1))
@@ -238,14 +289,15 @@ def main_(argv=None) -> dict:
           f"{teacher_eval}; raw logits: {teacher_raw_eval}", flush=True)
 
     steps_per_epoch = _steps_per_epoch(args, store_path)  # the same for every variant (all rows valid)
-    runs: dict[str, list[dict]] = {name: [] for name in ORDER}
+    variants = [n for n in ORDER if n in args.variants.split(",")]
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for i, seed in enumerate(seeds):
-        order = ORDER if seed % 2 == 0 else ORDER[::-1]  # alternate sides from seed to seed: time drift hits both
+        order = variants if seed % 2 == 0 else variants[::-1]  # alternate sides from seed to seed: time drift hits both
         for name in order:
             r = _run(name, args, store_path, seed, steps_per_epoch, teacher)
             r["seed"] = seed
             runs[name].append(r)
-            print(f"seed {seed} {name:10s} ce {r['ce']:.4f} acc {r['acc']:.4f} ece {r['ece']:.4f} "
+            print(f"seed {seed} {name:14s} ce {r['ce']:.4f} acc {r['acc']:.4f} ece {r['ece']:.4f} "
                   f"{r['steps']} steps {r['seconds']:.0f}s", flush=True)
     load = os.getloadavg()
     report = {
@@ -281,23 +333,32 @@ def _derive(report: dict) -> None:
     metrics = ("ce", "acc", "ece", "seconds") + (("overconfidence",) if all("overconfidence" in r for rs in runs.values()
                                                                            for r in rs) else ())
     table = {name: {m: _stats([r[m] for r in rs]) for m in metrics} for name, rs in runs.items()}
-    ratios = {name: [s["seconds"] / o["seconds"] for s, o in zip(runs[name], runs["online_kd"])] for name in STORE_VARIANTS}
-    online_ce = table["online_kd"]["ce"]["mean"]
-    store_best = min(STORE_VARIANTS, key=lambda n: table[n]["ce"]["mean"])
-    within = {n: (table[n]["ce"]["mean"] - online_ce) / online_ce for n in STORE_VARIANTS}
-    bar = {n: within[n] <= 0.01 and table[n]["ce"]["mean"] < table["ce"]["ce"]["mean"] for n in STORE_VARIANTS}
     report["seeds"] = sorted({r["seed"] for rs in runs.values() for r in rs})
     report["steps"] = sorted({r["steps"] for rs in runs.values() for r in rs})
     report["variants"] = table
+    if "ce" not in table or "online_kd" not in table:
+        report["acceptance"] = "partial run (--variants without ce and online_kd): merge it with a full one (--merge)"
+        report["store_over_online_time"] = {}
+        return
+    stores = [n for n in STORE_VARIANTS if n in table]
+    online = {r["seed"]: r for r in runs["online_kd"]}
+    # time ratios only between runs of the same process (a variant added by a later run is not comparable)
+    ratios = {name: [r["seconds"] / online[r["seed"]]["seconds"] for r in runs[name]
+                     if r["seed"] in online and r.get("part") == online[r["seed"]].get("part")] for name in stores}
+    ratios = {name: v for name, v in ratios.items() if v}
+    online_ce = table["online_kd"]["ce"]["mean"]
+    store_best = min(stores, key=lambda n: table[n]["ce"]["mean"])
+    within = {n: (table[n]["ce"]["mean"] - online_ce) / online_ce for n in stores}
+    bar = {n: within[n] <= 0.01 and table[n]["ce"]["mean"] < table["ce"]["ce"]["mean"] for n in stores}
     report["store_over_online_time"] = {n: {"per_seed": [round(x, 3) for x in v], **_stats(v)} for n, v in ratios.items()}
     report["acceptance"] = {
         "best_store_setting": store_best,
         "best_store_within_1pct_of_online_ce": within[store_best] <= 0.01,
         "best_store_better_than_ce_only": table[store_best]["ce"]["mean"] < table["ce"]["ce"]["mean"],
         "rskd_ece_no_worse_than_topk": {k: table["rskd12"]["ece"]["mean"] <= table[k]["ece"]["mean"]
-                                        for k in ("topk8", "topk32")},
+                                        for k in ("topk8", "topk32", "topk32_renorm") if k in table and "rskd12" in table},
         "settings_meeting_bar_at_most_64_bytes_per_token": sorted(
-            n for n in STORE_VARIANTS if bar[n] and settings[n]["uncompressed"] <= 64),
+            n for n in stores if bar[n] and n in settings and settings[n]["uncompressed"] <= 64),
         "relative_ce_gap_to_online": {n: round(v, 5) for n, v in within.items()},
     }
 
@@ -306,7 +367,12 @@ def merge(paths: list[Path], result: Path) -> dict:
     """One report from per-seed reports of the same store and settings (seeds run as separate processes)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     report = dict(parts[0])
-    report["runs"] = {name: [r for part in parts for r in part["runs"][name]] for name in ORDER}
+    report["runs"] = {name: [{**r, "part": i} for i, part in enumerate(parts) for r in part["runs"].get(name, [])]
+                      for name in ORDER}
+    report["bytes_per_token_settings"] = {k: v for part in parts for k, v in part["bytes_per_token_settings"].items()}
+    missing = [name for name, rs in report["runs"].items() if not rs]
+    if missing:
+        raise SystemExit(f"--merge: no runs of {missing} in {[str(p) for p in paths]}")
     report["loadavg_end"] = [part["loadavg_end"] for part in parts]
     report["total_seconds"] = [part["total_seconds"] for part in parts]
     report["merged_from"] = [str(p) for p in paths]
@@ -358,12 +424,12 @@ def _print(report: dict) -> None:
           f"(first 256 rows: {t['heldout_first_256_rows']['ce']:.3f} vs unigram {t['unigram_first_256_rows']['ce']:.3f})")
     b = report["bytes_per_token_settings"]
     over = all("overconfidence" in row for row in report["variants"].values())
-    print(f"\n{'variant':10s} {'held-out CE':>16s} {'acc':>14s} {'ECE':>14s}" + (f" {'conf - acc':>15s}" if over else "")
+    print(f"\n{'variant':14s} {'held-out CE':>16s} {'acc':>14s} {'ECE':>14s}" + (f" {'conf - acc':>15s}" if over else "")
           + f" {'train s':>9s} {'B/tok disk':>10s} {'B/tok raw':>9s}")
     for name, row in report["variants"].items():
         f = lambda m, d=4: f"{row[m]['mean']:.{d}f}±{row[m]['sd']:.{d}f}"
         disk = b[name]["on_disk"] if name in b and b[name]["on_disk"] is not None else "-"
-        print(f"{name:10s} {f('ce'):>16s} {f('acc'):>14s} {f('ece'):>14s}" + (f" {f('overconfidence'):>15s}" if over else "")
+        print(f"{name:14s} {f('ce'):>16s} {f('acc'):>14s} {f('ece'):>14s}" + (f" {f('overconfidence'):>15s}" if over else "")
               + f" {row['seconds']['mean']:9.0f} {disk:>10} {b[name]['uncompressed'] if name in b else '-':>9}")
     print("\nstore / online epoch time:", {n: f"{v['mean']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
                                           for n, v in report["store_over_online_time"].items()})

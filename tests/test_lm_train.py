@@ -107,7 +107,7 @@ def _config(store_path, out, loss, **train):
 
 def _hand(logits, batch, eos):
     """The three token losses computed by hand (plain loops over positions), at step 0."""
-    ce, topk, samp = [], [], []
+    ce, topk, samp, renorm = [], [], [], []
     for i in range(logits.shape[0]):
         for t in range(logits.shape[1]):
             z = logits[i, t].double()
@@ -121,17 +121,21 @@ def _hand(logits, batch, eos):
             r = batch[TOKENS_TOPK_RESIDUAL][i, t].double()
             tail = 1 - q[ids].sum()
             topk.append((p * (p.log() - q[ids].log())).sum() + r * (r.log() - tail.log()))
+            pn = p / p.sum()
+            renorm.append((pn * (pn.log() - q[ids].log())).sum())
             c = batch[TOKENS_SAMPLE_COUNTS][i, t].double()
             sid = batch[TOKENS_SAMPLE_IDS][i, t]
             samp.append(-(c / c.sum() * q[sid].log()).sum())
     mean = lambda xs: float(torch.stack(xs).mean())
-    return {"token_ce": mean(ce), "token_topk_kd": mean(topk) * T * T, "token_sampled_kd": mean(samp) * T * T}
+    return {"token_ce": mean(ce), "token_topk_kd": mean(topk) * T * T, "token_sampled_kd": mean(samp) * T * T,
+            "renormalized": mean(renorm) * T * T}
 
 
 def test_token_losses_through_the_trainer_by_hand(lm_store, tmp_path):
     store_path, _, _ = lm_store
     loss = [{"kind": "token_ce", "weight": 0.5}, {"kind": "token_topk_kd", "teacher": "gpt"},
-            {"kind": "token_sampled_kd", "teacher": "gpt", "weight": 2.0}]
+            {"kind": "token_sampled_kd", "teacher": "gpt", "weight": 2.0},
+            {"kind": "token_topk_kd", "teacher": "gpt", "renormalize": True, "weight": 0.25}]
     cfg = _config(store_path, tmp_path / "run", loss)
     seen = {}
     summary = run_lm(cfg, on_step=lambda step, info: seen.setdefault(step, info))
@@ -145,8 +149,9 @@ def test_token_losses_through_the_trainer_by_hand(lm_store, tmp_path):
     parts = seen[0]["parts"]
     for i, kind in enumerate(("token_ce", "token_topk_kd", "token_sampled_kd")):
         assert parts[f"loss/{i}.{kind}"] == pytest.approx(hand[kind], rel=1e-4), kind
+    assert parts["loss/3.token_topk_kd"] == pytest.approx(hand["renormalized"], rel=1e-4)
     assert float(seen[0]["loss"]) == pytest.approx(0.5 * hand["token_ce"] + hand["token_topk_kd"]
-                                                   + 2 * hand["token_sampled_kd"], rel=1e-4)
+                                                   + 2 * hand["token_sampled_kd"] + 0.25 * hand["renormalized"], rel=1e-4)
     assert (tmp_path / "run" / "student.safetensors").is_file()
 
 

@@ -191,6 +191,7 @@ class LossConfig:
     router_hidden: int = 0  # routed_kd: hidden width (0: 2 × its input)
     top_k: int = 0  # routed_kd: keep the k best-routed teachers per row; token_topk_kd: use the first k stored (0: all)
     balance_weight: float = 0.01  # routed_kd: load-balancing term
+    renormalize: bool = False  # token_topk_kd: the common renormalised top-k (residual dropped; a biased baseline)
 
     def __post_init__(self) -> None:
         kinds = ", ".join(LOSS_KINDS)

@@ -221,6 +221,29 @@ def topk_kl(
     return _masked_mean(head + tail, m) * t * t
 
 
+def renormalized_topk_kl(
+    student_logits: Tensor,
+    logprobs: Tensor,
+    ids: Tensor,
+    residual: Tensor,
+    mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+) -> Tensor:
+    """The common top-k KD, kept as a baseline: the residual is dropped and the K teacher
+    probabilities renormalised, ``p~_k = p_k / sum_j p_j``; the loss is
+    ``sum_k p~_k (log p~_k - log q_k) * T^2`` with the student's full-vocabulary ``q`` (>= 0, 0 only
+    when the student puts all its mass on the K ids in the teacher's proportions).
+
+    Biased (Anshumann et al., ACL 2025): it pushes the student's whole mass onto the K ids, so a
+    student trained on it is over-confident; :func:`topk_kl` keeps the residual instead.
+    Same arguments as :func:`topk_kl` (``residual`` is checked, not used).
+    """
+    m, t, logq_k, _tail, logp_k, _r = _topk_buckets(student_logits, logprobs, ids, residual, mask, temperature)
+    logp_n = logp_k - torch.logsumexp(logp_k, dim=-1, keepdim=True)
+    return _masked_mean((logp_n.exp() * (logp_n - logq_k)).sum(-1), m) * t * t
+
+
 def sampled_kl(
     student_logits: Tensor,
     ids: Tensor,

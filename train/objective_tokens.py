@@ -9,7 +9,10 @@ padding and ``<|endoftext|>`` out, nothing crosses a document).
 - ``token_ce``: next-token cross-entropy on the token shards (no teacher).
 - ``token_topk_kd``: :func:`~kdstore.train.losses_tokens.topk_kl` on ``tokens:topk:K``
   (K + 1 buckets, the residual is the tail bucket), at the recorded temperature; ``top_k = k``
-  uses only the first k stored (:func:`first_k`: one ``topk:32`` store serves k <= 32).
+  uses only the first k stored (:func:`first_k`: one ``topk:32`` store serves k <= 32);
+  ``renormalize = true`` gives the common renormalised top-k instead
+  (:func:`~kdstore.train.losses_tokens.renormalized_topk_kl`, residual dropped: a biased
+  baseline, for comparison).
 - ``token_sampled_kd``: RS-KD, :func:`~kdstore.train.losses_tokens.sampled_kl` on
   ``tokens:sample:S``, at the recorded temperature.
 
@@ -70,7 +73,8 @@ def first_k(logprobs: Tensor, ids: Tensor, residual: Tensor, k: int) -> tuple[Te
 def _token_topk_kd(term, x: "TermInput") -> Tensor:
     logprobs, ids, residual, _lse = token_fields("topk")
     lp, i, r = first_k(x.tg[logprobs], x.tg[ids], x.tg[residual], term.top_k)
-    return LT.topk_kl(x.out["logits"], lp, i, r, x.mask, temperature=_t(term))
+    loss = LT.renormalized_topk_kl if term.renormalize else LT.topk_kl
+    return loss(x.out["logits"], lp, i, r, x.mask, temperature=_t(term))
 
 
 def _token_sampled_kd(term, x: "TermInput") -> Tensor:
@@ -107,7 +111,7 @@ def token_kinds(loss_kind: type["LossKind"]) -> tuple["LossKind", ...]:
     return (
         loss_kind(name="token_ce", compute=_token_ce, teachers="none"),
         loss_kind(name="token_topk_kd", compute=_token_topk_kd, fields=lambda t: token_fields("topk")[:3],
-                  stored_temperature=True, settings=("temperature", "top_k")),
+                  stored_temperature=True, settings=("temperature", "top_k", "renormalize")),
         loss_kind(name="token_sampled_kd", compute=_token_sampled_kd, fields=lambda t: token_fields("sample"),
                   stored_temperature=True, settings=("temperature",)),
         loss_kind(name="token_taid", compute=_token_taid, fields=_taid_fields,
