@@ -206,6 +206,9 @@ def main_(argv=None) -> dict:
     p.add_argument("--reeval", type=Path, default=None,
                    help="only evaluate the students a finished run saved under --out again (metrics added since) and "
                         "rewrite this report (a --result or --merge output) into --result")
+    p.add_argument("--eval-store", type=Path, default=None,
+                   help="with --reeval: score the students on this store's held-out shards (more documents) into "
+                        "large_heldout instead")
     p.add_argument("--step-times", type=int, default=0, metavar="STEPS",
                    help="only time STEPS optimizer steps of each variant on the store in --out (alternating order, 2 "
                         "rounds, one process; a quiet machine gives the store / online cost ratio), then the token "
@@ -220,7 +223,7 @@ def main_(argv=None) -> dict:
     if args.merge:
         return merge(args.merge, args.result)
     if args.reeval:
-        return reevaluate(args.out, args.reeval, args.result)
+        return reevaluate(args.out, args.reeval, args.result, args.eval_store, args.teacher_dir)
     if args.step_times:
         torch.set_num_threads(args.threads)
         teacher, _, _ = load_lm(args.teacher_dir or args.out / "teacher", device="cpu")
@@ -330,8 +333,8 @@ def main_(argv=None) -> dict:
 def _derive(report: dict) -> None:
     """Add the per-variant table, store/online time ratios and the acceptance checks from ``report["runs"]``."""
     runs, settings = report["runs"], report["bytes_per_token_settings"]
-    metrics = ("ce", "acc", "ece", "seconds") + (("overconfidence",) if all("overconfidence" in r for rs in runs.values()
-                                                                           for r in rs) else ())
+    metrics = ("ce", "acc", "ece", "seconds") + tuple(m for m in ("overconfidence", "ece_se")
+                                                      if all(m in r for rs in runs.values() for r in rs))
     table = {name: {m: _stats([r[m] for r in rs]) for m in metrics} for name, rs in runs.items()}
     report["seeds"] = sorted({r["seed"] for rs in runs.values() for r in rs})
     report["steps"] = sorted({r["steps"] for rs in runs.values() for r in rs})
@@ -341,6 +344,19 @@ def _derive(report: dict) -> None:
         report["store_over_online_time"] = {}
         return
     stores = [n for n in STORE_VARIANTS if n in table]
+    if all("large_heldout" in r for rs in runs.values() for r in rs):
+        large = {name: {m: _stats([r["large_heldout"][m] for r in rs]) for m in ("ce", "acc", "ece", "ece_se", "overconfidence")}
+                 for name, rs in runs.items()}
+        report["variants_large_heldout"] = large
+        report["acceptance_large_heldout"] = {
+            "relative_ce_gap_to_online": {n: round((large[n]["ce"]["mean"] - large["online_kd"]["ce"]["mean"])
+                                                   / large["online_kd"]["ce"]["mean"], 5) for n in stores},
+            "rskd_ece_no_worse_than_topk": {k: large["rskd12"]["ece"]["mean"] <= large[k]["ece"]["mean"]
+                                            for k in ("topk8", "topk32", "topk32_renorm") if k in large and "rskd12" in large},
+            "rskd_minus_topk_ece_per_seed": {
+                k: [round(a["large_heldout"]["ece"] - b["large_heldout"]["ece"], 5)
+                    for a, b in zip(sorted(runs["rskd12"], key=lambda r: r["seed"]), sorted(runs[k], key=lambda r: r["seed"]))]
+                for k in ("topk8", "topk32", "topk32_renorm") if k in large and "rskd12" in large}}
     online = {r["seed"]: r for r in runs["online_kd"]}
     # time ratios only between runs of the same process (a variant added by a later run is not comparable)
     ratios = {name: [r["seconds"] / online[r["seed"]]["seconds"] for r in runs[name]
@@ -357,6 +373,10 @@ def _derive(report: dict) -> None:
         "best_store_better_than_ce_only": table[store_best]["ce"]["mean"] < table["ce"]["ce"]["mean"],
         "rskd_ece_no_worse_than_topk": {k: table["rskd12"]["ece"]["mean"] <= table[k]["ece"]["mean"]
                                         for k in ("topk8", "topk32", "topk32_renorm") if k in table and "rskd12" in table},
+        "rskd_minus_topk_ece_per_seed": {
+            k: [round(a["ece"] - b["ece"], 5) for a, b in zip(sorted(runs["rskd12"], key=lambda r: r["seed"]),
+                                                             sorted(runs[k], key=lambda r: r["seed"]))]
+            for k in ("topk8", "topk32", "topk32_renorm") if k in table and "rskd12" in table},
         "settings_meeting_bar_at_most_64_bytes_per_token": sorted(
             n for n in stores if bar[n] and n in settings and settings[n]["uncompressed"] <= 64),
         "relative_ce_gap_to_online": {n: round(v, 5) for n, v in within.items()},
@@ -384,13 +404,18 @@ def merge(paths: list[Path], result: Path) -> dict:
     return report
 
 
-def reevaluate(out: Path, report_path: Path, result: Path) -> dict:
+def reevaluate(out: Path, report_path: Path, result: Path, eval_store: Path | None = None,
+               teacher_dir: Path | None = None) -> dict:
     """Evaluate each saved student (``OUT/runs/NAME-sSEED/student.safetensors``) on the held-out
-    shards again and update its run's metrics (the training figures are kept)."""
+    shards again and update its run's metrics (the training figures are kept).
+
+    With ``eval_store`` (a store over more held-out documents of the same tokenizer, e.g. the
+    whole first half): the students are scored on its shards instead, into each run's
+    ``large_heldout`` (and the teacher, raw and calibrated, into ``teacher.large_heldout``)."""
     from safetensors.torch import load_file
 
     report = json.loads(Path(report_path).read_text())
-    store = open_store(out / "store")
+    store = open_store(eval_store or out / "store")
     held, eos = store.select_shards(["heldout-"]), token_plan(store)["eos_id"]
     for name, runs in report["runs"].items():
         for r in runs:
@@ -398,10 +423,21 @@ def reevaluate(out: Path, report_path: Path, result: Path) -> dict:
             model = GPT(GPTConfig.from_dict(json.loads((folder / "student.json").read_text())))
             model.load_state_dict(load_file(str(folder / "student.safetensors")))
             again = evaluate_lm(model, store, held, eos_id=eos)
+            if eval_store is not None:
+                r["large_heldout"] = again
+                print(f"{name} seed {r['seed']}: {again}", flush=True)
+                continue
             if abs(again["ce"] - r["ce"]) > 1e-4:
                 raise SystemExit(f"{folder}: held-out CE {again['ce']:.5f} now, {r['ce']:.5f} in the report")
             r.update(again)
-    report["reevaluated"] = True
+    if eval_store is not None:
+        teacher_dir = teacher_dir or Path(report["args"]["teacher_dir"])
+        report["teacher"]["large_heldout"] = {
+            kind: evaluate_lm(load_lm(teacher_dir, calibrated=kind == "calibrated")[0], store, held, eos_id=eos)
+            for kind in ("calibrated", "raw_logits")}
+        report["large_heldout_store"] = {"path": str(eval_store), "rows": sum(s.num_rows for s in held)}
+    else:
+        report["reevaluated"] = True
     _derive(report)
     result.parent.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps(report, indent=1))
@@ -424,16 +460,23 @@ def _print(report: dict) -> None:
           f"(first 256 rows: {t['heldout_first_256_rows']['ce']:.3f} vs unigram {t['unigram_first_256_rows']['ce']:.3f})")
     b = report["bytes_per_token_settings"]
     over = all("overconfidence" in row for row in report["variants"].values())
-    print(f"\n{'variant':14s} {'held-out CE':>16s} {'acc':>14s} {'ECE':>14s}" + (f" {'conf - acc':>15s}" if over else "")
-          + f" {'train s':>9s} {'B/tok disk':>10s} {'B/tok raw':>9s}")
+    se = all("ece_se" in row for row in report["variants"].values())
+    print(f"\n{'variant':14s} {'held-out CE':>16s} {'acc':>14s} {'ECE':>14s}" + (f" {'ECE boot. se':>12s}" if se else "")
+          + (f" {'conf - acc':>15s}" if over else "") + f" {'train s':>9s} {'B/tok disk':>10s} {'B/tok raw':>9s}")
     for name, row in report["variants"].items():
         f = lambda m, d=4: f"{row[m]['mean']:.{d}f}±{row[m]['sd']:.{d}f}"
         disk = b[name]["on_disk"] if name in b and b[name]["on_disk"] is not None else "-"
-        print(f"{name:14s} {f('ce'):>16s} {f('acc'):>14s} {f('ece'):>14s}" + (f" {f('overconfidence'):>15s}" if over else "")
+        print(f"{name:14s} {f('ce'):>16s} {f('acc'):>14s} {f('ece'):>14s}"
+              + (f" {row['ece_se']['mean']:12.4f}" if se else "") + (f" {f('overconfidence'):>15s}" if over else "")
               + f" {row['seconds']['mean']:9.0f} {disk:>10} {b[name]['uncompressed'] if name in b else '-':>9}")
     print("\nstore / online epoch time:", {n: f"{v['mean']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
                                           for n, v in report["store_over_online_time"].items()})
     print("acceptance:", json.dumps(report["acceptance"], indent=1))
+    if "variants_large_heldout" in report:
+        print(f"\nlarger held-out set ({report['large_heldout_store']['rows']} rows):")
+        for name, row in report["variants_large_heldout"].items():
+            print(f"{name:14s} " + " ".join(f"{m} {row[m]['mean']:.4f}±{row[m]['sd']:.4f}" for m in row))
+        print("acceptance (larger held-out set):", json.dumps(report["acceptance_large_heldout"], indent=1))
 
 
 if __name__ == "__main__":

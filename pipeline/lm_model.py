@@ -42,19 +42,29 @@ def kd_mask(ids: torch.Tensor, doc: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (doc >= 0) & (ids != eos_id)
 
 
-def top1_calibration(conf: torch.Tensor, hit: torch.Tensor, bins: int = 15) -> dict[str, float]:
+def top1_calibration(conf: torch.Tensor, hit: torch.Tensor, bins: int = 15, *, bootstrap: int = 0,
+                     seed: int = 0) -> dict[str, float]:
     """Calibration of next-token top-1 predictions: ``conf [m]`` (top-1 probability), ``hit [m]``
     (1 where the top-1 token was right) → ``ece`` (expected calibration error over ``bins``
     equal-width confidence bins, weighted by tokens) and ``overconfidence`` (mean confidence −
-    accuracy: > 0 over-, < 0 under-confident)."""
+    accuracy: > 0 over-, < 0 under-confident). ``bootstrap = B > 0`` adds ``ece_se``: the
+    standard deviation of the ECE over B resamples of the tokens (seeded), its sampling noise."""
     conf, hit = conf.double().flatten(), hit.double().flatten()
     if not len(conf):
         return {"ece": float("nan"), "overconfidence": float("nan")}
     which = torch.clamp((conf * bins).long(), max=bins - 1)
-    count = torch.bincount(which, minlength=bins).double()
-    gap = torch.bincount(which, weights=hit, minlength=bins) - torch.bincount(which, weights=conf, minlength=bins)
-    return {"ece": float(gap.abs().sum() / len(conf)), "overconfidence": float(conf.mean() - hit.mean()),
-            "bins": bins, "nonempty_bins": int((count > 0).sum())}
+
+    def ece(idx: torch.Tensor | None) -> float:
+        w, c, h = (which, conf, hit) if idx is None else (which[idx], conf[idx], hit[idx])
+        gap = torch.bincount(w, weights=h, minlength=bins) - torch.bincount(w, weights=c, minlength=bins)
+        return float(gap.abs().sum() / len(c))
+
+    out = {"ece": ece(None), "overconfidence": float(conf.mean() - hit.mean())}
+    if bootstrap:
+        gen = torch.Generator().manual_seed(seed)
+        draws = [ece(torch.randint(0, len(conf), (len(conf),), generator=gen)) for _ in range(bootstrap)]
+        out["ece_se"] = float(torch.tensor(draws).std())
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -358,3 +358,21 @@ def test_shared_log_probs_computes_each_student_log_softmax_once_with_the_same_v
     torch.testing.assert_close(plain.grad, shared.grad, rtol=1e-6, atol=1e-7)
     # outside the block nothing is kept
     assert _graph_nodes(total(shared), "LogSoftmaxBackward0") == 4
+
+
+def test_top1_calibration_by_hand_and_its_bootstrap_error():
+    from kdstore.pipeline.lm_model import top1_calibration
+
+    conf = torch.tensor([0.05, 0.05, 0.95, 0.95])
+    hit = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    # bin 0: 1 hit vs confidence 0.1 in total; bin 14: 2 hits vs 1.9 → (0.9 + 0.1) / 4
+    got = top1_calibration(conf, hit)
+    assert got["ece"] == pytest.approx(0.25) and got["overconfidence"] == pytest.approx(-0.25)
+    assert "ece_se" not in got
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.rand(20000, generator=gen) * 0.4
+    hit = (torch.rand(20000, generator=gen) < conf).float()  # calibrated by construction
+    a, b = top1_calibration(conf, hit, bootstrap=50), top1_calibration(conf, hit, bootstrap=50)
+    assert a == b and 0 < a["ece_se"] < 0.01 and a["ece"] < 0.01
+    worse = top1_calibration(conf * 0.5, hit, bootstrap=50)  # under-confident by half
+    assert worse["ece"] > 0.08 and worse["overconfidence"] < -0.08

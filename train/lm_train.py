@@ -82,8 +82,9 @@ def token_loss(terms: Sequence, logits: torch.Tensor, batch: dict) -> tuple[torc
 @torch.no_grad()
 def evaluate_lm(model: GPT, store: Store, shards, *, eos_id: int, batch_size: int = 16, bins: int = 15,
                 autocast: Callable[[], Any] = contextlib.nullcontext) -> dict:
-    """Held-out next-token ``ce`` (nats), ``acc`` (top-1), ``ece`` (top-1 confidence, ``bins`` bins) and
-    ``overconfidence`` (mean top-1 confidence − accuracy: > 0 over-, < 0 under-confident) on ``shards``."""
+    """Held-out next-token ``ce`` (nats), ``acc`` (top-1), ``ece`` (top-1 confidence, ``bins`` bins),
+    ``ece_se`` (its bootstrap standard error over the tokens, 200 resamples) and ``overconfidence``
+    (mean top-1 confidence − accuracy: > 0 over-, < 0 under-confident) on ``shards``."""
     model.eval()
     device = next(model.parameters()).device
     nll, conf, hit = [], [], []
@@ -99,10 +100,10 @@ def evaluate_lm(model: GPT, store: Store, shards, *, eos_id: int, batch_size: in
         hit.append((top.indices == batch["targets"])[m].float())
     model.train()
     if not nll:
-        return {"ce": float("nan"), "acc": float("nan"), "ece": float("nan"), "overconfidence": float("nan"), "tokens": 0}
+        return {"ce": float("nan"), "acc": float("nan"), "ece": float("nan"), "ece_se": float("nan"), "overconfidence": float("nan"), "tokens": 0}
     nll, conf, hit = torch.cat(nll).cpu(), torch.cat(conf).cpu(), torch.cat(hit).cpu()
-    cal = top1_calibration(conf, hit, bins)
-    return {"ce": float(nll.mean()), "acc": float(hit.mean()), "ece": cal["ece"],
+    cal = top1_calibration(conf, hit, bins, bootstrap=200)
+    return {"ce": float(nll.mean()), "acc": float(hit.mean()), "ece": cal["ece"], "ece_se": cal["ece_se"],
             "overconfidence": cal["overconfidence"], "tokens": len(nll)}
 
 
