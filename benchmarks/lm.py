@@ -431,7 +431,7 @@ def reevaluate(out: Path, report_path: Path, result: Path, eval_store: Path | No
                 raise SystemExit(f"{folder}: held-out CE {again['ce']:.5f} now, {r['ce']:.5f} in the report")
             r.update(again)
     if eval_store is not None:
-        teacher_dir = teacher_dir or Path(report["args"]["teacher_dir"])
+        teacher_dir = teacher_dir or Path(report["args"]["teacher_dir"] or Path(report["args"]["out"]) / "teacher")
         report["teacher"]["large_heldout"] = {
             kind: evaluate_lm(load_lm(teacher_dir, calibrated=kind == "calibrated")[0], store, held, eos_id=eos)
             for kind in ("calibrated", "raw_logits")}
