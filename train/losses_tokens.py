@@ -197,12 +197,20 @@ def topk_kl(
     mask: Tensor | None = None,
     *,
     temperature: float = 1.0,
+    renormalize: bool = False,
 ) -> Tensor:
     """KL over K + 1 buckets: the teacher's top-k ids and one tail bucket holding the residual.
 
     ``KL = sum_k p_k (log p_k - log q_k) + r (log r - log q_tail)`` with ``p_k = exp(logprobs)``,
     ``r = residual`` (no renormalisation), ``q = softmax(student / T)`` and
     ``q_tail = 1 - sum_k q_k`` (computed as a log-sum-exp over the other ids). ``0 log 0 = 0``.
+
+    ``renormalize=True`` gives the common top-k KD instead, kept as a baseline: the residual is
+    dropped and the K teacher probabilities renormalised, ``p~_k = p_k / sum_j p_j``, and the loss
+    is ``sum_k p~_k (log p~_k - log q_k)`` with the student's full-vocabulary ``q`` (>= 0; 0 only
+    when the student puts all its mass on the K ids in the teacher's proportions). It is biased
+    (Anshumann et al., ACL 2025): it pushes the student's whole mass onto the K ids, so the
+    student comes out over-confident.
 
     Args:
         student_logits: [b, n, V] float.
@@ -211,37 +219,18 @@ def topk_kl(
         residual: [b, n] float, ``1 - sum_k p_k``.
         mask: [b, n] bool.
         temperature: the T the teacher fields were reduced at (> 0).
+        renormalize: the biased renormalised form above (``residual`` checked, not used).
 
     Returns:
         [] float, times ``T^2``.
     """
     m, t, logq_k, logq_tail, logp_k, r = _topk_buckets(student_logits, logprobs, ids, residual, mask, temperature)
+    if renormalize:
+        logp_n = logp_k - torch.logsumexp(logp_k, dim=-1, keepdim=True)
+        return _masked_mean((logp_n.exp() * (logp_n - logq_k)).sum(-1), m) * t * t
     head = (logp_k.exp() * (logp_k - logq_k)).sum(-1)
     tail = torch.where(r > 0, r * (torch.log(r.clamp(min=1e-30)) - logq_tail), torch.zeros_like(r))
     return _masked_mean(head + tail, m) * t * t
-
-
-def renormalized_topk_kl(
-    student_logits: Tensor,
-    logprobs: Tensor,
-    ids: Tensor,
-    residual: Tensor,
-    mask: Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-) -> Tensor:
-    """The common top-k KD, kept as a baseline: the residual is dropped and the K teacher
-    probabilities renormalised, ``p~_k = p_k / sum_j p_j``; the loss is
-    ``sum_k p~_k (log p~_k - log q_k) * T^2`` with the student's full-vocabulary ``q`` (>= 0, 0 only
-    when the student puts all its mass on the K ids in the teacher's proportions).
-
-    Biased (Anshumann et al., ACL 2025): it pushes the student's whole mass onto the K ids, so a
-    student trained on it is over-confident; :func:`topk_kl` keeps the residual instead.
-    Same arguments as :func:`topk_kl` (``residual`` is checked, not used).
-    """
-    m, t, logq_k, _tail, logp_k, _r = _topk_buckets(student_logits, logprobs, ids, residual, mask, temperature)
-    logp_n = logp_k - torch.logsumexp(logp_k, dim=-1, keepdim=True)
-    return _masked_mean((logp_n.exp() * (logp_n - logq_k)).sum(-1), m) * t * t
 
 
 def sampled_kl(

@@ -11,7 +11,7 @@ padding and ``<|endoftext|>`` out, nothing crosses a document).
   (K + 1 buckets, the residual is the tail bucket), at the recorded temperature; ``top_k = k``
   uses only the first k stored (:func:`first_k`: one ``topk:32`` store serves k <= 32);
   ``renormalize = true`` gives the common renormalised top-k instead
-  (:func:`~kdstore.train.losses_tokens.renormalized_topk_kl`, residual dropped: a biased
+  (:func:`~kdstore.train.losses_tokens.topk_kl` ``renormalize=True``, residual dropped: a biased
   baseline, for comparison).
 - ``token_sampled_kd``: RS-KD, :func:`~kdstore.train.losses_tokens.sampled_kl` on
   ``tokens:sample:S``, at the recorded temperature.
@@ -73,8 +73,7 @@ def first_k(logprobs: Tensor, ids: Tensor, residual: Tensor, k: int) -> tuple[Te
 def _token_topk_kd(term, x: "TermInput") -> Tensor:
     logprobs, ids, residual, _lse = token_fields("topk")
     lp, i, r = first_k(x.tg[logprobs], x.tg[ids], x.tg[residual], term.top_k)
-    loss = LT.renormalized_topk_kl if term.renormalize else LT.topk_kl
-    return loss(x.out["logits"], lp, i, r, x.mask, temperature=_t(term))
+    return LT.topk_kl(x.out["logits"], lp, i, r, x.mask, temperature=_t(term), renormalize=term.renormalize)
 
 
 def _token_sampled_kd(term, x: "TermInput") -> Tensor:
