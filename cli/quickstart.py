@@ -59,7 +59,7 @@ def quickstart_cmd(ctx: click.Context, workdir: Path, teacher_steps: int | None,
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
     click.secho("1/5 input shards", bold=True)
     if not (data / "test-000004.tar").exists():
-        fashion_mnist_shards(data, shard_size=2000)
+        fashion_mnist_shards(data, shard_size=2000, progress=progress)
     click.echo(f"    {len(list(data.glob('*.tar')))} WebDataset shards in {data}")
     click.secho("2/5 teacher", bold=True)
     if weights.exists():
