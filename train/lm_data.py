@@ -61,7 +61,8 @@ def teacher_tokenizer_sha256(store: Store, teacher: str) -> str:
         hint = "point factory_args.path at the right folder or recompute"
         if calibrated and "calibration" in config and spec.fingerprint == teacher_fingerprint(config):
             hint = (f"the folder was calibrated (temperature {config['calibration']['temperature']:.4f}) after this "
-                    "store was written from its raw logits; recompute, or train from it knowing that")
+                    "store was written from its raw logits; recompute the store (it now would hold the calibrated "
+                    "teacher's targets), or precompute with --teacher-arg calibrated=false to keep the raw ones")
         raise StoreMismatchError(f"{folder} is not the teacher that wrote teacher {teacher} of {store.path} "
                                  f"(fingerprints differ): {hint}")
     return config["tokenizer_sha256"]
