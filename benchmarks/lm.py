@@ -148,6 +148,15 @@ def loss_times(args, store_path: Path, reps: int = 15) -> dict:
     return {"reps": reps, "batch_size": args.batch_size, "per_variant": out}
 
 
+def _raw_eval(teacher: GPT, store, held, eos_id: int) -> dict:
+    """:func:`evaluate_lm` of the teacher's raw logits (its calibration temperature set aside)."""
+    was, teacher.temperature = teacher.temperature, 1.0
+    try:
+        return evaluate_lm(teacher, store, held, eos_id=eos_id)
+    finally:
+        teacher.temperature = was
+
+
 def _variant(name: str, args, teacher) -> tuple[list[dict], object]:
     """The loss terms of variant ``name`` and its online term (None unless ``online_kd``)."""
     online = None
@@ -283,11 +292,10 @@ def main_(argv=None) -> dict:
                           "on_disk_without_lse": round(sum(v["on_disk"] for k, v in fs.items() if not k.endswith("/lse")), 2)}
     plan = token_plan(store)
     held = store.select_shards(["heldout-"])
-    raw, _, _ = load_lm(teacher_dir, device="cpu", calibrated=False)
-    teacher_raw_eval = evaluate_lm(raw, store, held, eos_id=plan["eos_id"])
     teacher, teacher_cfg, _ = load_lm(teacher_dir, device="cpu")
-    teacher.eval()
     teacher_eval = evaluate_lm(teacher, store, held, eos_id=plan["eos_id"])
+    teacher_raw_eval = _raw_eval(teacher, store, held, plan["eos_id"])
+    teacher.eval()
     print(f"teacher on the students' held-out tokens (calibration temperature {teacher.temperature:.4f}): "
           f"{teacher_eval}; raw logits: {teacher_raw_eval}", flush=True)
 
@@ -351,12 +359,7 @@ def _derive(report: dict) -> None:
         report["acceptance_large_heldout"] = {
             "relative_ce_gap_to_online": {n: round((large[n]["ce"]["mean"] - large["online_kd"]["ce"]["mean"])
                                                    / large["online_kd"]["ce"]["mean"], 5) for n in stores},
-            "rskd_ece_no_worse_than_topk": {k: large["rskd12"]["ece"]["mean"] <= large[k]["ece"]["mean"]
-                                            for k in ("topk8", "topk32", "topk32_renorm") if k in large and "rskd12" in large},
-            "rskd_minus_topk_ece_per_seed": {
-                k: [round(a["large_heldout"]["ece"] - b["large_heldout"]["ece"], 5)
-                    for a, b in zip(sorted(runs["rskd12"], key=lambda r: r["seed"]), sorted(runs[k], key=lambda r: r["seed"]))]
-                for k in ("topk8", "topk32", "topk32_renorm") if k in large and "rskd12" in large}}
+            **_ece_checks(large, runs, lambda r: r["large_heldout"])}
     online = {r["seed"]: r for r in runs["online_kd"]}
     # time ratios only between runs of the same process (a variant added by a later run is not comparable)
     ratios = {name: [r["seconds"] / online[r["seed"]]["seconds"] for r in runs[name]
@@ -371,16 +374,21 @@ def _derive(report: dict) -> None:
         "best_store_setting": store_best,
         "best_store_within_1pct_of_online_ce": within[store_best] <= 0.01,
         "best_store_better_than_ce_only": table[store_best]["ce"]["mean"] < table["ce"]["ce"]["mean"],
-        "rskd_ece_no_worse_than_topk": {k: table["rskd12"]["ece"]["mean"] <= table[k]["ece"]["mean"]
-                                        for k in ("topk8", "topk32", "topk32_renorm") if k in table and "rskd12" in table},
-        "rskd_minus_topk_ece_per_seed": {
-            k: [round(a["ece"] - b["ece"], 5) for a, b in zip(sorted(runs["rskd12"], key=lambda r: r["seed"]),
-                                                             sorted(runs[k], key=lambda r: r["seed"]))]
-            for k in ("topk8", "topk32", "topk32_renorm") if k in table and "rskd12" in table},
+        **_ece_checks(table, runs, lambda r: r),
         "settings_meeting_bar_at_most_64_bytes_per_token": sorted(
             n for n in stores if bar[n] and n in settings and settings[n]["uncompressed"] <= 64),
         "relative_ce_gap_to_online": {n: round(v, 5) for n, v in within.items()},
     }
+
+
+def _ece_checks(table: dict, runs: dict, metrics) -> dict:
+    """RS-KD's ECE against each top-k variant's: mean no worse, and the per-seed difference;
+    ``metrics(run)`` is the run's metrics dict (the run itself, or its ``large_heldout``)."""
+    ks = [k for k in ("topk8", "topk32", "topk32_renorm") if k in table] if "rskd12" in table else []
+    by_seed = lambda name: sorted(runs[name], key=lambda r: r["seed"])
+    return {"rskd_ece_no_worse_than_topk": {k: table["rskd12"]["ece"]["mean"] <= table[k]["ece"]["mean"] for k in ks},
+            "rskd_minus_topk_ece_per_seed": {k: [round(metrics(a)["ece"] - metrics(b)["ece"], 5)
+                                                 for a, b in zip(by_seed("rskd12"), by_seed(k))] for k in ks}}
 
 
 def merge(paths: list[Path], result: Path) -> dict:
@@ -432,9 +440,9 @@ def reevaluate(out: Path, report_path: Path, result: Path, eval_store: Path | No
             r.update(again)
     if eval_store is not None:
         teacher_dir = teacher_dir or Path(report["args"]["teacher_dir"] or Path(report["args"]["out"]) / "teacher")
-        report["teacher"]["large_heldout"] = {
-            kind: evaluate_lm(load_lm(teacher_dir, calibrated=kind == "calibrated")[0], store, held, eos_id=eos)
-            for kind in ("calibrated", "raw_logits")}
+        teacher = load_lm(teacher_dir)[0]
+        report["teacher"]["large_heldout"] = {"calibrated": evaluate_lm(teacher, store, held, eos_id=eos),
+                                              "raw_logits": _raw_eval(teacher, store, held, eos)}
         report["large_heldout_store"] = {"path": str(eval_store), "rows": sum(s.num_rows for s in held)}
     else:
         report["reevaluated"] = True

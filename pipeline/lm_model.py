@@ -67,6 +67,22 @@ def top1_calibration(conf: torch.Tensor, hit: torch.Tensor, bins: int = 15, *, b
     return out
 
 
+def next_token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits [m, V]``, ``targets [m]`` (the scored positions only) → per token ``(nll, top-1
+    probability, top-1 hit as 0/1)``, each ``[m]`` float32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    top = logp.max(-1)
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), top.values.exp(), (top.indices == targets).float()
+
+
+def score_tokens(nll: torch.Tensor, conf: torch.Tensor, hit: torch.Tensor, bins: int = 15, *,
+                 bootstrap: int = 0) -> dict[str, float]:
+    """``ce`` (mean nll), ``acc``, ``tokens`` and :func:`top1_calibration` of the scores of
+    :func:`next_token_scores` (concatenated over batches, at least one token)."""
+    return {"ce": float(nll.double().mean()), "acc": float(hit.mean()), "tokens": len(nll),
+            **top1_calibration(conf, hit, bins, bootstrap=bootstrap)}
+
+
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
     """Shape of a :class:`GPT`. ``width`` must divide by ``heads``."""

@@ -53,7 +53,7 @@ from kdstore.pipeline.lm_corpus import (
     read_npy,
     train_tokenizer,
 )
-from kdstore.pipeline.lm_model import GPT, GPTConfig, next_token_targets, top1_calibration
+from kdstore.pipeline.lm_model import GPT, GPTConfig, next_token_scores, next_token_targets, score_tokens, top1_calibration
 from kdstore.store.errors import InputError
 
 WEIGHTS = "model.safetensors"
@@ -66,23 +66,16 @@ def evaluate(model: GPT, ids: np.ndarray, doc: np.ndarray, eos_id: int, *, batch
     """Held-out next-token cross-entropy (nats), perplexity, top-1 accuracy and calibration
     (:func:`~kdstore.pipeline.lm_model.top1_calibration`) over ``ids/doc [m, n]``."""
     model.eval()
-    nll, correct, count, conf, hit = 0.0, 0, 0, [], []
+    scores = []
     for start in range(0, len(ids), batch):
         x = torch.from_numpy(ids[start : start + batch]).long()
         d = torch.from_numpy(doc[start : start + batch]).long()
         targets, mask = next_token_targets(x, d, eos_id)
-        logp = F.log_softmax(model(x, d).float(), dim=-1)[mask]
-        t = targets[mask]
-        nll += float(-logp.gather(-1, t.unsqueeze(-1)).double().sum())
-        top = logp.max(-1)
-        conf.append(top.values.exp())
-        hit.append((top.indices == t).float())
-        correct += int(hit[-1].sum())
-        count += len(t)
-    ce_mean = nll / max(count, 1)
-    cal = top1_calibration(torch.cat(conf), torch.cat(hit)) if count else {"ece": float("nan"), "overconfidence": float("nan")}
-    return {"ce": ce_mean, "ppl": math.exp(ce_mean), "acc": correct / max(count, 1), "tokens": count,
-            "ece": cal["ece"], "overconfidence": cal["overconfidence"]}
+        scores.append(next_token_scores(model(x, d)[mask], targets[mask]))
+    out = score_tokens(*(torch.cat(s) for s in zip(*scores))) if scores else {}
+    if not out.get("tokens"):
+        out = {"ce": 0.0, "acc": 0.0, "tokens": 0, "ece": float("nan"), "overconfidence": float("nan")}
+    return {**out, "ppl": math.exp(out["ce"])}
 
 
 @torch.no_grad()
@@ -100,16 +93,18 @@ def fit_temperature(model: GPT, ids: np.ndarray, doc: np.ndarray, eos_id: int, *
     model.eval()
     logits, targets = [], []
     have = 0
-    for start in range(0, len(ids), batch):
-        if have >= max_tokens:
-            break
-        x = torch.from_numpy(ids[start : start + batch]).long()
-        d = torch.from_numpy(doc[start : start + batch]).long()
-        t, m = next_token_targets(x, d, eos_id)
-        logits.append(model(x, d).float()[m])
-        targets.append(t[m])
-        have += int(m.sum())
-    model.temperature = was
+    try:
+        for start in range(0, len(ids), batch):
+            if have >= max_tokens:
+                break
+            x = torch.from_numpy(ids[start : start + batch]).long()
+            d = torch.from_numpy(doc[start : start + batch]).long()
+            t, m = next_token_targets(x, d, eos_id)
+            logits.append(model(x, d).float()[m])
+            targets.append(t[m])
+            have += int(m.sum())
+    finally:
+        model.temperature = was
     if not have:
         raise InputError("no held-out tokens to fit a calibration temperature on (is the held-out split empty?)")
     z, y = torch.cat(logits)[:max_tokens], torch.cat(targets)[:max_tokens]
@@ -134,8 +129,8 @@ def fit_temperature(model: GPT, ids: np.ndarray, doc: np.ndarray, eos_id: int, *
     beta = (a + b) / 2.0
 
     def calib(scale: float) -> dict[str, float]:
-        top = torch.log_softmax(z * scale, dim=-1).max(-1)
-        return top1_calibration(top.values.exp(), (top.indices == y).float())
+        _, conf, hit = next_token_scores(z * scale, y)
+        return top1_calibration(conf, hit)
 
     before, after = calib(1.0), calib(beta)
     return {"temperature": 1.0 / beta, "tokens": int(len(y)), "nll_before": nll(1.0), "nll_after": nll(beta),

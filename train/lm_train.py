@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from kdstore.pipeline.lm_model import GPT, GPTConfig, top1_calibration
+from kdstore.pipeline.lm_model import GPT, GPTConfig, next_token_scores, score_tokens
 from kdstore.store.errors import InputError
 from kdstore.store.layout import VALID_ARRAY
 from kdstore.store.reader import Store, open_store
@@ -87,24 +87,17 @@ def evaluate_lm(model: GPT, store: Store, shards, *, eos_id: int, batch_size: in
     (mean top-1 confidence − accuracy: > 0 over-, < 0 under-confident) on ``shards``."""
     model.eval()
     device = next(model.parameters()).device
-    nll, conf, hit = [], [], []
+    scores = []
     for batch in lm_batches(store, None, (), batch_size=batch_size, eos_id=eos_id, epoch=None, shards=shards):
         batch = _to_device(batch, device)
         with autocast():
             logits = model(batch["ids"], batch["doc"])
-        logp = torch.log_softmax(logits.float(), dim=-1)
         m = batch["ce_mask"]
-        nll.append(-logp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)[m])
-        top = logp.max(-1)
-        conf.append(top.values.exp()[m])
-        hit.append((top.indices == batch["targets"])[m].float())
+        scores.append(next_token_scores(logits[m], batch["targets"][m]))
     model.train()
-    if not nll:
+    if not scores:
         return {"ce": float("nan"), "acc": float("nan"), "ece": float("nan"), "ece_se": float("nan"), "overconfidence": float("nan"), "tokens": 0}
-    nll, conf, hit = torch.cat(nll).cpu(), torch.cat(conf).cpu(), torch.cat(hit).cpu()
-    cal = top1_calibration(conf, hit, bins, bootstrap=200)
-    return {"ce": float(nll.mean()), "acc": float(hit.mean()), "ece": cal["ece"], "ece_se": cal["ece_se"],
-            "overconfidence": cal["overconfidence"], "tokens": len(nll)}
+    return score_tokens(*(torch.cat(x).cpu() for x in zip(*scores)), bins, bootstrap=200)
 
 
 class _Runtime:

@@ -83,10 +83,10 @@ def shared_log_probs() -> Iterator[None]:
 
 def _log_probs(student_logits: Tensor, t: float) -> Tensor:
     """``log_softmax(student_logits / t)`` in float32 over the last dimension (shared inside
-    :func:`shared_log_probs`; the cache holds the tensor itself, so a reused id never matches)."""
+    :func:`shared_log_probs`; the cache keeps the tensor alive, so its id is not reused meanwhile)."""
     cache = _SHARED.get()
     key = (id(student_logits), t)
-    if cache is not None and key in cache and cache[key][0] is student_logits:
+    if cache is not None and key in cache:
         return cache[key][1]
     x = student_logits.float()
     out = F.log_softmax(x / t if t != 1.0 else x, dim=-1)
