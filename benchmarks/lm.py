@@ -229,6 +229,11 @@ def main_(argv=None) -> dict:
     unknown = set(args.variants.split(",")) - set(ORDER)
     if unknown:
         p.error(f"--variants: unknown {sorted(unknown)}; choose from {ORDER}")
+    if args.eval_store and not args.reeval:
+        p.error("--eval-store only acts with --reeval")
+    if args.variants != ",".join(ORDER) and (args.merge or args.reeval or args.step_times):
+        p.error("--variants selects the variants a training run trains; --merge, --reeval and --step-times take "
+                "what the reports / ORDER hold")
     if args.merge:
         return merge(args.merge, args.result)
     if args.reeval:
